@@ -1,0 +1,182 @@
+"""Process-wide resources: one Postgres pool and one Redis client per process.
+
+Opened once in the FastAPI lifespan (or a CLI command) by :func:`open_resources`. When
+``DATABASE_URL`` / ``REDIS_URL`` are unset, embedded servers are started under
+``DATA_DIR`` and stopped again on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from loguru import logger
+from psycopg_pool import AsyncConnectionPool
+
+from app.profile import DealershipProfile, load_profile
+from app.settings import Settings
+
+T = TypeVar("T")
+
+
+class StartupError(RuntimeError):
+    """A dependency is unreachable or misconfigured; the message says what and how to fix it."""
+
+
+@dataclass
+class AppResources:
+    """Everything a request or a call needs from the process."""
+
+    settings: Settings
+    profile: DealershipProfile
+    db: AsyncConnectionPool
+    redis: aioredis.Redis
+    database_url: str
+    redis_url: str
+    embedded: list[object] = field(default_factory=list)
+
+
+async def retry_with_backoff(
+    action: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    attempts: int = 5,
+    first_delay: float = 0.2,
+    max_delay: float = 3.0,
+) -> T:
+    """Run ``action`` until it succeeds, sleeping with exponential backoff in between.
+
+    Args:
+        action: Coroutine factory to run.
+        what: Human description used in log lines ("Postgres", "Redis").
+        attempts: Total tries before giving up.
+        first_delay: Seconds to wait after the first failure.
+        max_delay: Cap on the wait between tries.
+
+    Returns:
+        Whatever ``action`` returned.
+
+    Raises:
+        Exception: The last error when every attempt failed.
+    """
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return await action()
+        except Exception as exc:
+            if attempt == attempts:
+                raise
+            logger.warning(f"{what} not reachable (attempt {attempt}/{attempts}): {exc}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+    raise AssertionError("unreachable")
+
+
+async def check_database(pool: AsyncConnectionPool) -> None:
+    """Ping Postgres through the pool (raises when unreachable)."""
+    async with pool.connection(timeout=3) as conn:
+        await conn.execute("SELECT 1")
+
+
+async def check_redis(client: aioredis.Redis) -> None:
+    """Ping Redis (raises when unreachable)."""
+    await asyncio.wait_for(client.ping(), timeout=3)
+
+
+@contextlib.asynccontextmanager
+async def open_resources(
+    settings: Settings, *, migrate: bool = True, seed_demo: bool = True
+) -> AsyncIterator[AppResources]:
+    """Open the pool and the Redis client (starting embedded servers when needed).
+
+    Args:
+        settings: Application settings.
+        migrate: Apply pending CRM migrations before opening the pool.
+        seed_demo: Seed the demo CRM data into an embedded database on its first start.
+
+    Yields:
+        The process resources; everything is closed and stopped on exit.
+
+    Raises:
+        StartupError: A dependency is unreachable; the message names it and the fix.
+    """
+    from app.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    profile = load_profile(settings.dealership_profile)
+    embedded: list[object] = []
+    async with contextlib.AsyncExitStack() as stack:
+        database_url = settings.database_url
+        fresh_embedded_db = False
+        if not database_url:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            pg = EmbeddedPostgres()
+            fresh_embedded_db = not (settings.data_dir / "postgres" / "PG_VERSION").exists()
+            await pg.astart(settings.data_dir / "postgres")
+            stack.push_async_callback(pg.astop)
+            embedded.append(pg)
+            database_url = pg.url
+            logger.info("DATABASE_URL unset: started embedded Postgres under DATA_DIR")
+        redis_url = settings.redis_url
+        if not redis_url:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            rd = EmbeddedRedis()
+            await rd.astart(settings.data_dir / "redis")
+            stack.push_async_callback(rd.astop)
+            embedded.append(rd)
+            redis_url = rd.url
+            logger.info("REDIS_URL unset: started embedded Redis under DATA_DIR")
+
+        if migrate:
+            from crm.migrate import apply_migrations
+
+            try:
+                await retry_with_backoff(
+                    lambda: apply_migrations(database_url), what="Postgres", attempts=5
+                )
+            except Exception as exc:
+                raise StartupError(
+                    f"Postgres is unreachable or refused the migrations ({exc}). Check "
+                    "DATABASE_URL, or unset it to use the embedded server."
+                ) from exc
+        if seed_demo and fresh_embedded_db:
+            from seed_data import seed
+
+            summary = await seed(database_url, customers=200, seed=7, reset=False)
+            logger.info(f"Seeded the embedded CRM with demo data: {summary}")
+
+        pool = AsyncConnectionPool(database_url, min_size=1, max_size=20, open=False)
+        await pool.open(wait=False)
+        stack.push_async_callback(pool.close)
+        try:
+            await retry_with_backoff(lambda: check_database(pool), what="Postgres")
+        except Exception as exc:
+            raise StartupError(
+                f"Postgres is unreachable ({exc}). Check DATABASE_URL, or unset it to use "
+                "the embedded server."
+            ) from exc
+
+        client = aioredis.Redis.from_url(
+            redis_url, socket_connect_timeout=3, socket_timeout=3, health_check_interval=30
+        )
+        stack.push_async_callback(client.aclose)
+        try:
+            await retry_with_backoff(lambda: check_redis(client), what="Redis")
+        except Exception as exc:
+            raise StartupError(
+                f"Redis is unreachable ({exc}). Check REDIS_URL, or unset it to use the "
+                "embedded server."
+            ) from exc
+
+        yield AppResources(
+            settings=settings,
+            profile=profile,
+            db=pool,
+            redis=client,
+            database_url=database_url,
+            redis_url=redis_url,
+            embedded=embedded,
+        )

@@ -1,0 +1,162 @@
+"""Application settings: the one place that reads the environment and `.env`.
+
+Every setting here appears in `.env.example` with a comment. Names are a contract with
+integrators; do not rename them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PROFILE = REPO_ROOT / "app" / "dealership.example.toml"
+
+
+class MissingSettingError(RuntimeError):
+    """Raised when a feature needs a setting that is not configured.
+
+    The message names the environment variable, so it can be shown to the operator as is.
+    """
+
+
+class Settings(BaseSettings):
+    """Process-wide configuration read from the environment and `.env`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Storage. Unset means: start an embedded server under DATA_DIR.
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    redis_url: str | None = Field(default=None, alias="REDIS_URL")
+    data_dir: Path = Field(default=REPO_ROOT / ".data", alias="DATA_DIR")
+
+    # OpenAI
+    openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
+    openai_model: str = Field(default="gpt-4o", alias="OPENAI_MODEL")
+
+    # Deepgram
+    deepgram_api_key: SecretStr | None = Field(default=None, alias="DEEPGRAM_API_KEY")
+    deepgram_stt_url: str | None = Field(default=None, alias="DEEPGRAM_STT_URL")
+    deepgram_tts_url: str | None = Field(default=None, alias="DEEPGRAM_TTS_URL")
+    deepgram_stt_model: str = Field(default="nova-3", alias="DEEPGRAM_STT_MODEL")
+    deepgram_tts_voice: str = Field(default="aura-2-asteria-en", alias="DEEPGRAM_TTS_VOICE")
+
+    # Twilio
+    twilio_account_sid: str | None = Field(default=None, alias="TWILIO_ACCOUNT_SID")
+    twilio_auth_token: SecretStr | None = Field(default=None, alias="TWILIO_AUTH_TOKEN")
+    twilio_phone_number: str | None = Field(default=None, alias="TWILIO_PHONE_NUMBER")
+    twilio_api_base_url: str | None = Field(default=None, alias="TWILIO_API_BASE_URL")
+    public_base_url: str | None = Field(default=None, alias="PUBLIC_BASE_URL")
+
+    # Google Calendar (optional; the Postgres calendar is used when unset)
+    google_client_id: str | None = Field(default=None, alias="GOOGLE_CLIENT_ID")
+    google_client_secret: SecretStr | None = Field(default=None, alias="GOOGLE_CLIENT_SECRET")
+    google_refresh_token: SecretStr | None = Field(default=None, alias="GOOGLE_REFRESH_TOKEN")
+    google_calendar_id: str | None = Field(default=None, alias="GOOGLE_CALENDAR_ID")
+
+    # Dealership and server
+    dealership_profile: Path = Field(default=DEFAULT_PROFILE, alias="DEALERSHIP_PROFILE")
+    admin_token: SecretStr | None = Field(default=None, alias="ADMIN_TOKEN")
+    host: str = Field(default="127.0.0.1", alias="HOST")
+    port: int = Field(default=8000, alias="PORT", ge=0, le=65535)
+    log_level: str = Field(default="INFO", alias="LOG_LEVEL")
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper_log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"LOG_LEVEL must be a log level name, got {value!r}")
+        return level
+
+    @field_validator(
+        "database_url",
+        "redis_url",
+        "openai_base_url",
+        "deepgram_stt_url",
+        "deepgram_tts_url",
+        "twilio_api_base_url",
+        "public_base_url",
+        "twilio_account_sid",
+        "twilio_phone_number",
+        "google_client_id",
+        "google_calendar_id",
+        "openai_api_key",
+        "deepgram_api_key",
+        "twilio_auth_token",
+        "google_client_secret",
+        "google_refresh_token",
+        "admin_token",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("dealership_profile", mode="before")
+    @classmethod
+    def _default_profile(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return DEFAULT_PROFILE
+        return value
+
+    @property
+    def google_calendar_enabled(self) -> bool:
+        """Whether all four Google Calendar settings are present."""
+        return all(
+            (
+                self.google_client_id,
+                self.google_client_secret,
+                self.google_refresh_token,
+                self.google_calendar_id,
+            )
+        )
+
+    def missing_call_settings(self) -> list[str]:
+        """Names of the settings a phone call needs that are not set.
+
+        Returns:
+            Environment variable names, empty when calls can be taken.
+        """
+        required = {
+            "OPENAI_API_KEY": self.openai_api_key,
+            "DEEPGRAM_API_KEY": self.deepgram_api_key,
+            "TWILIO_ACCOUNT_SID": self.twilio_account_sid,
+            "TWILIO_AUTH_TOKEN": self.twilio_auth_token,
+            "PUBLIC_BASE_URL": self.public_base_url,
+        }
+        return [name for name, value in required.items() if not value]
+
+    def require(self, *names: str) -> None:
+        """Raise a clear error naming every listed setting that is unset.
+
+        Args:
+            *names: Environment variable names, e.g. ``"OPENAI_API_KEY"``.
+
+        Raises:
+            MissingSettingError: One or more settings are not configured.
+        """
+        fields = {
+            (field.alias or name).upper(): name for name, field in type(self).model_fields.items()
+        }
+        missing = [name for name in names if not getattr(self, fields[name.upper()])]
+        if missing:
+            raise MissingSettingError(
+                "Missing configuration: "
+                + ", ".join(missing)
+                + ". Set it in the environment or in .env (see .env.example)."
+            )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,126 @@
+"""Web app and command line of the dealership voice agent.
+
+``python runner.py`` serves the FastAPI app on HOST/PORT. With ``DATABASE_URL`` and
+``REDIS_URL`` unset it starts embedded Postgres and Redis under ``.data/`` and seeds demo
+CRM data on first start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from loguru import logger
+
+from app.profile import ProfileError, load_profile
+from app.resources import AppResources, StartupError, check_database, check_redis, open_resources
+from app.settings import Settings, get_settings
+
+
+def configure_logging(level: str) -> None:
+    """Send loguru output to stderr at ``level``."""
+    logger.remove()
+    logger.add(sys.stderr, level=level)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the FastAPI application.
+
+    Args:
+        settings: Settings to use; read from the environment when omitted.
+
+    Returns:
+        The app. Its lifespan opens the database pool and the Redis client.
+    """
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_resources(settings) as resources:
+            app.state.resources = resources
+            missing = settings.missing_call_settings()
+            if missing:
+                logger.warning(
+                    "Phone calls are disabled until these settings are set: "
+                    + ", ".join(missing)
+                    + " (see .env.example)."
+                )
+            logger.info(
+                f"Serving {resources.profile.name} on http://{settings.host}:{settings.port}"
+            )
+            yield
+
+    app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        """Report each component; 503 when one is down."""
+        resources: AppResources = request.app.state.resources
+        components: dict[str, str] = {}
+        for name, check in (
+            ("db", lambda: check_database(resources.db)),
+            ("redis", lambda: check_redis(resources.redis)),
+        ):
+            try:
+                await check()
+                components[name] = "ok"
+            except Exception as exc:
+                components[name] = f"down: {type(exc).__name__}"
+        healthy = all(v == "ok" for v in components.values())
+        return JSONResponse(
+            {"status": "ok" if healthy else "degraded", "components": components},
+            status_code=200 if healthy else 503,
+        )
+
+    return app
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    try:
+        load_profile(settings.dealership_profile)
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
+        )
+    except (StartupError, ProfileError) as exc:
+        logger.error(str(exc))
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python runner.py``.
+
+    Args:
+        argv: Command line arguments (without the program name).
+
+    Returns:
+        Process exit code.
+    """
+    parser = argparse.ArgumentParser(prog="runner.py", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="serve the web app (the default)")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = get_settings()
+    except Exception as exc:  # pydantic ValidationError: show it without a traceback
+        print(f"Invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if args.command in (None, "serve"):
+        return _serve(settings)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
