@@ -1,0 +1,75 @@
+"""The per-call session: who is calling, who they proved to be, what the call has offered.
+
+One object per call, created by the telephony layer (or the tool console) with the
+caller's number from the carrier, never from the model. Tools read and update it; the
+model never supplies a customer id.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from scheduling.availability import Slot
+
+Direction = Literal["inbound", "outbound"]
+VerificationFactor = Literal["caller_id", "date_of_birth", "zip_code", "vin_last4"]
+
+
+@dataclass
+class CallSession:
+    """State of one call, shared by the tools, the flow and the processors.
+
+    Attributes:
+        call_sid: Twilio CallSid (or a generated id for console/WebRTC sessions).
+        caller_phone: The caller's number as reported by the carrier (E.164).
+        direction: ``inbound`` or ``outbound``.
+        scenario: ``inbound``, ``service_due`` or ``confirmation``.
+        customer_id: The CRM customer matched for this call (by caller ID or lookup).
+        customer_first_name: First name of the matched customer.
+        caller_id_matched: Whether the carrier number matched the customer's phone.
+        verified: Whether the caller proved to be ``customer_id``.
+        factors: Verification factors that passed so far.
+        offered_slots: Slots offered in this call, by opaque slot id.
+        appointment_ids: Appointments booked, moved or cancelled in this call.
+        outcome: Call outcome for the ``calls`` row.
+        flow_node: Current conversation-flow node name.
+    """
+
+    call_sid: str
+    caller_phone: str | None
+    direction: Direction = "inbound"
+    scenario: str = "inbound"
+    customer_id: int | None = None
+    customer_first_name: str | None = None
+    caller_id_matched: bool = False
+    verified: bool = False
+    factors: set[VerificationFactor] = field(default_factory=set)
+    offered_slots: dict[str, Slot] = field(default_factory=dict)
+    appointment_ids: list[int] = field(default_factory=list)
+    outcome: str | None = None
+    flow_node: str | None = None
+    transcript: list[dict[str, str]] = field(default_factory=list)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def remember_slot(self, slot: Slot) -> str:
+        """Store an offered slot and return its opaque id for the model."""
+        for slot_id, known in self.offered_slots.items():
+            if known == slot:
+                return slot_id
+        slot_id = f"slot-{secrets.token_hex(3)}"
+        self.offered_slots[slot_id] = slot
+        return slot_id
+
+    def match_customer(self, *, customer_id: int, first_name: str, caller_id: bool) -> None:
+        """Record the CRM customer this call is about; resets verification if it changes."""
+        if self.customer_id != customer_id:
+            self.verified = False
+            self.factors = set()
+        self.customer_id = customer_id
+        self.customer_first_name = first_name
+        self.caller_id_matched = caller_id
+        if caller_id:
+            self.factors.add("caller_id")
