@@ -36,6 +36,9 @@ class CallSession:
         appointment_ids: Appointments booked, moved or cancelled in this call.
         outcome: Call outcome for the ``calls`` row.
         flow_node: Current conversation-flow node name.
+        transcript: Turns of the conversation, ``{"role": ..., "text": ...}``.
+        late_results: Results of writes that finished after the caller interrupted them.
+        pending_action: What the telephony layer must do after the bot's next sentence.
     """
 
     call_sid: str
@@ -52,6 +55,10 @@ class CallSession:
     outcome: str | None = None
     flow_node: str | None = None
     transcript: list[dict[str, str]] = field(default_factory=list)
+    late_results: list[dict] = field(default_factory=list)
+    pending_action: Literal["transfer", "end"] | None = None
+    transfer_reason: str | None = None
+    end_reason: str | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def remember_slot(self, slot: Slot) -> str:
