@@ -8,6 +8,7 @@ CRM data on first start.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator
@@ -96,6 +97,23 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
+async def _tools_console(settings: Settings, *, caller: str, now: str | None) -> int:
+    from datetime import datetime
+
+    from tools.console import run_console
+
+    fixed_now = datetime.fromisoformat(now) if now else None
+    if fixed_now is not None and fixed_now.tzinfo is None:
+        print("--now needs a UTC offset, e.g. 2026-11-30T10:00:00-06:00", file=sys.stderr)
+        return 2
+    try:
+        async with open_resources(settings) as resources:
+            return await run_console(resources, caller=caller, now=fixed_now)
+    except (StartupError, ProfileError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python runner.py``.
 
@@ -108,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="runner.py", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve the web app (the default)")
+    tools_cmd = sub.add_parser(
+        "tools", help="run tool calls from JSON lines on stdin in one call session"
+    )
+    tools_cmd.add_argument("--caller", required=True, help="caller ID, E.164 (+15551234567)")
+    tools_cmd.add_argument("--now", help="fixed current time, ISO 8601 with offset")
     args = parser.parse_args(argv)
 
     try:
@@ -118,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     if args.command in (None, "serve"):
         return _serve(settings)
+    if args.command == "tools":
+        return asyncio.run(_tools_console(settings, caller=args.caller, now=args.now))
     parser.error(f"unknown command {args.command}")
     return 2
 
