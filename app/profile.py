@@ -90,6 +90,12 @@ class DealershipProfile:
     max_booking_days_ahead: int = 60
     recording_enabled: bool = False
     schedule: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    keyterms: tuple[str, ...] = ()
+
+    def speech_keyterms(self) -> list[str]:
+        """Words the speech recognizer should favour: name, makes, models, services."""
+        terms = [self.name, *self.keyterms, *(s.spoken_name for s in self.services.values())]
+        return list(dict.fromkeys(t for t in terms if t))
 
     def opening_hours(self, day: date) -> tuple[TimeRange, ...]:
         """Opening ranges for a calendar day; empty when closed or a holiday."""
@@ -269,6 +275,7 @@ def parse_profile(data: dict) -> DealershipProfile:
         max_booking_days_ahead=int(data.get("max_booking_days_ahead", 60)),
         recording_enabled=bool(data.get("recording_enabled", False)),
         schedule=schedule,
+        keyterms=tuple(str(t) for t in data.get("keyterms", [])),
     )
 
 

@@ -3,7 +3,7 @@
 Importing this package registers every tool in :data:`tools.registry.TOOLS`.
 """
 
-from tools import customers, handoff, scheduling, vehicles
+from tools import customers, handoff, outbound, scheduling, vehicles
 from tools.registry import TOOLS, ToolContext, ToolRefusal, run_tool
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "ToolRefusal",
     "customers",
     "handoff",
+    "outbound",
     "run_tool",
     "scheduling",
     "vehicles",
