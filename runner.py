@@ -20,6 +20,8 @@ from loguru import logger
 from app.profile import ProfileError, load_profile
 from app.resources import AppResources, StartupError, check_database, check_redis, open_resources
 from app.settings import Settings, get_settings
+from bot import routes as call_routes
+from bot.turn_models import load_turn_models
 
 
 def configure_logging(level: str) -> None:
@@ -43,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_resources(settings) as resources:
             app.state.resources = resources
+            await asyncio.to_thread(load_turn_models)
             missing = settings.missing_call_settings()
             if missing:
                 logger.warning(
@@ -56,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
 
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
+    app.state.active_calls = {}
+    app.include_router(call_routes.router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -90,6 +95,7 @@ def _serve(settings: Settings) -> int:
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level.lower(),
+            ws_max_size=call_routes.MAX_MEDIA_MESSAGE_BYTES,
         )
     except (StartupError, ProfileError) as exc:
         logger.error(str(exc))
