@@ -23,6 +23,8 @@ from app.settings import Settings, get_settings
 from bot import routes as call_routes
 from bot.turn_models import load_turn_models
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 def configure_logging(level: str) -> None:
     """Send loguru output to stderr at ``level``."""
@@ -61,6 +63,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
     app.state.active_calls = {}
     app.include_router(call_routes.router)
+    if settings.host in LOOPBACK_HOSTS:
+        from bot.webrtc import mount_client
+
+        mount_client(app)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
