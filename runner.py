@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from loguru import logger
 
+from app.pii import mask_phone
 from app.profile import ProfileError, load_profile
 from app.resources import AppResources, StartupError, check_database, check_redis, open_resources
 from app.settings import Settings, get_settings
@@ -126,6 +128,36 @@ async def _tools_console(settings: Settings, *, caller: str, now: str | None) ->
         return 1
 
 
+async def _call(settings: Settings, *, number: str, scenario: str) -> int:
+    from app.settings import MissingSettingError
+    from bot.twilio import place_outbound_call
+    from crm.customers import find_by_phone
+    from tools.customers import normalize_phone
+
+    to = normalize_phone(number)
+    if to is None:
+        print(f"Not a phone number: {number!r} (use E.164, e.g. +15551234567)", file=sys.stderr)
+        return 2
+    try:
+        settings.require(
+            "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL"
+        )
+        async with open_resources(settings, seed_demo=False) as resources:
+            async with resources.db.connection() as conn:
+                customer = await find_by_phone(conn, to)
+        call_sid = await place_outbound_call(
+            settings,
+            to=to,
+            scenario=scenario.replace("-", "_"),
+            customer_id=customer.id if customer else None,
+        )
+    except (MissingSettingError, StartupError, ProfileError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(json.dumps({"call_sid": call_sid, "to": mask_phone(to), "scenario": scenario}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python runner.py``.
 
@@ -143,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     tools_cmd.add_argument("--caller", required=True, help="caller ID, E.164 (+15551234567)")
     tools_cmd.add_argument("--now", help="fixed current time, ISO 8601 with offset")
+    call_cmd = sub.add_parser("call", help="place one outbound call through Twilio")
+    call_cmd.add_argument("number", help="number to call, E.164 (+15551234567)")
+    call_cmd.add_argument(
+        "--scenario", choices=("service-due", "confirmation"), default="service-due"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -153,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     if args.command in (None, "serve"):
         return _serve(settings)
+    if args.command == "call":
+        return asyncio.run(_call(settings, number=args.number, scenario=args.scenario))
     if args.command == "tools":
         return asyncio.run(_tools_console(settings, caller=args.caller, now=args.now))
     parser.error(f"unknown command {args.command}")
