@@ -1,0 +1,1 @@
+"""Custom Pipecat processors, turn strategies and observers of the voice agent."""
