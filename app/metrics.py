@@ -137,3 +137,19 @@ def sample(name: str, labels: dict[str, str] | None = None) -> float:
     """
     value = REGISTRY.get_sample_value(name, labels or {})
     return 0.0 if value is None else value
+
+
+def call_started() -> None:
+    """Count a call as active (pair with :func:`call_finished`)."""
+    ACTIVE_CALLS.inc()
+
+
+def call_finished(direction: str, outcome: str | None) -> None:
+    """Count a finished call and remove it from the active calls.
+
+    Args:
+        direction: ``inbound`` or ``outbound``.
+        outcome: The call's outcome (``None`` is recorded as ``unknown``).
+    """
+    ACTIVE_CALLS.dec()
+    CALLS_TOTAL.labels(direction=direction, outcome=outcome or "unknown").inc()
