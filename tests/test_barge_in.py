@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -9,19 +11,30 @@ from pipecat.frames.frames import (
     InterimTranscriptionFrame,
     InterruptionFrame,
     LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    StartFrame,
     TranscriptionFrame,
+    TTSAudioRawFrame,
     UserBackchannelFrame,
     UserSpeakingFrame,
     UserStartedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
     LLMUserAggregator,
     LLMUserAggregatorParams,
 )
+from pipecat.services.tts_service import TTSService
 from pipecat.tests.utils import SleepFrame, run_test
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import TransportParams
 from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
@@ -236,3 +249,62 @@ async def test_speech_while_bot_silent_starts_a_normal_turn() -> None:
     # Not a barge-in (the bot was silent), so not counted as one.
     assert sample("voice_agent_interruptions_total") == interruptions
     assert strategy.interruptions == 0
+
+
+class _FakeTTS(TTSService):
+    """TTS without word timestamps (like DeepgramTTSService): 1 s of audio per sentence."""
+
+    def __init__(self, **kwargs):
+        super().__init__(push_start_frame=True, push_stop_frames=True, sample_rate=8000, **kwargs)
+
+    async def run_tts(self, text: str, context_id: str):
+        for _ in range(10):
+            yield TTSAudioRawFrame(
+                audio=b"\x00\x00" * 800, sample_rate=8000, num_channels=1, context_id=context_id
+            )
+
+
+class _RealTimeOutput(BaseOutputTransport):
+    """Output transport that 'plays' audio in real time, like the Twilio websocket."""
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame) -> bool:
+        await asyncio.sleep(len(frame.audio) / 16000)
+        return True
+
+
+async def test_interrupted_turn_keeps_only_what_was_played() -> None:
+    """Pipecat's own trimming: the assistant context gets only sentences whose audio played.
+
+    Without word timestamps the TTS queues each sentence's TTSTextFrame behind its audio in
+    the output transport; an interruption drops the queued audio and text, so the
+    half-played second sentence and the unplayed third never reach the assistant context.
+    """
+    context = LLMContext()
+    pair = LLMContextAggregatorPair(context)
+    output = _RealTimeOutput(TransportParams(audio_out_enabled=True, audio_out_sample_rate=8000))
+    messages: list = []
+
+    @pair.assistant().event_handler("on_assistant_turn_stopped")
+    async def on_stopped(_agg, message) -> None:
+        messages.append(message)
+
+    await run_test(
+        Pipeline([pair.user(), _FakeTTS(), output, pair.assistant()]),
+        frames_to_send=[
+            LLMFullResponseStartFrame(),
+            LLMTextFrame("First sentence is played. "),
+            LLMTextFrame("Second sentence is cut off. "),
+            LLMTextFrame("Third never starts."),
+            LLMFullResponseEndFrame(),
+            SleepFrame(sleep=1.5),  # first sentence (1 s) played, second half-way
+            InterruptionFrame(),
+            SleepFrame(sleep=0.5),
+        ],
+        pipeline_params=PipelineParams(audio_out_sample_rate=8000),
+    )
+    assert context.get_messages() == [{"role": "assistant", "content": "First sentence is played."}]
+    assert messages and messages[0].interrupted is True
