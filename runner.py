@@ -10,20 +10,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import sys
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
 from loguru import logger
 
+from app.metrics import render_metrics
 from app.pii import mask_phone
 from app.profile import ProfileError, load_profile
 from app.resources import AppResources, StartupError, check_database, check_redis, open_resources
 from app.settings import Settings, get_settings
 from bot import routes as call_routes
 from bot.turn_models import load_turn_models
+from processors.session_snapshot import SnapshotStore
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -32,6 +35,22 @@ def configure_logging(level: str) -> None:
     """Send loguru output to stderr at ``level``."""
     logger.remove()
     logger.add(sys.stderr, level=level)
+
+
+def admin_guard(settings: Settings):
+    """A FastAPI dependency that requires ``Authorization: Bearer <ADMIN_TOKEN>``."""
+
+    async def require_admin(authorization: str | None = Header(default=None)) -> None:
+        token = settings.admin_token.get_secret_value() if settings.admin_token else None
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not token or not authorization or not hmac.compare_digest(given, token):
+            raise HTTPException(
+                status_code=401,
+                detail="admin token required",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return require_admin
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -44,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         The app. Its lifespan opens the database pool and the Redis client.
     """
     settings = settings or get_settings()
+    require_admin = admin_guard(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +89,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from bot.webrtc import mount_client
 
         mount_client(app)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus exposition of the voice agent's metrics."""
+        body, content_type = render_metrics()
+        return Response(content=body, media_type=content_type)
+
+    @app.get("/calls/active", dependencies=[Depends(require_admin)])
+    async def active_calls(request: Request) -> JSONResponse:
+        """Snapshots of the calls in progress (ops; bearer ``ADMIN_TOKEN``)."""
+        store = SnapshotStore(request.app.state.resources.redis)
+        sids = sorted(await store.active())
+        snapshots = [snap for sid in sids if (snap := await store.read(sid)) is not None]
+        return JSONResponse({"calls": snapshots})
+
+    @app.get("/calls/{call_sid}", dependencies=[Depends(require_admin)])
+    async def call_snapshot(call_sid: str, request: Request) -> JSONResponse:
+        """Latest snapshot of one call (ops; bearer ``ADMIN_TOKEN``)."""
+        snapshot = await SnapshotStore(request.app.state.resources.redis).read(call_sid)
+        if snapshot is None:
+            return JSONResponse({"error": "unknown call"}, status_code=404)
+        return JSONResponse(snapshot)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

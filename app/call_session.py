@@ -56,6 +56,7 @@ class CallSession:
     flow_node: str | None = None
     transcript: list[dict[str, str]] = field(default_factory=list)
     late_results: list[dict] = field(default_factory=list)
+    turn_metrics: list[dict] = field(default_factory=list)
     pending_action: Literal["transfer", "end"] | None = None
     transfer_reason: str | None = None
     end_reason: str | None = None

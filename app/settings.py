@@ -60,6 +60,16 @@ class Settings(BaseSettings):
     google_refresh_token: SecretStr | None = Field(default=None, alias="GOOGLE_REFRESH_TOKEN")
     google_calendar_id: str | None = Field(default=None, alias="GOOGLE_CALENDAR_ID")
 
+    # Conversation tuning
+    barge_in_min_words: int = Field(default=2, alias="BARGE_IN_MIN_WORDS", ge=1)
+    barge_in_min_speech_secs: float | None = Field(default=None, alias="BARGE_IN_MIN_SPEECH_SECS")
+    barge_in_max_backchannel_words: int = Field(
+        default=3, alias="BARGE_IN_MAX_BACKCHANNEL_WORDS", ge=1
+    )
+    barge_in_protect_disclosure: bool = Field(default=True, alias="BARGE_IN_PROTECT_DISCLOSURE")
+    snapshot_ttl_secs: int = Field(default=86400, alias="SNAPSHOT_TTL_SECS", ge=60)
+    snapshot_transcript_turns: int = Field(default=6, alias="SNAPSHOT_TRANSCRIPT_TURNS", ge=0)
+
     # Dealership and server
     dealership_profile: Path = Field(default=DEFAULT_PROFILE, alias="DEALERSHIP_PROFILE")
     admin_token: SecretStr | None = Field(default=None, alias="ADMIN_TOKEN")
@@ -93,6 +103,7 @@ class Settings(BaseSettings):
         "google_client_secret",
         "google_refresh_token",
         "admin_token",
+        "barge_in_min_speech_secs",
         mode="before",
     )
     @classmethod

@@ -34,6 +34,7 @@ from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 
+from app import metrics
 from app.call_session import CallSession
 from app.pii import mask_phone
 from app.resources import AppResources
@@ -41,6 +42,13 @@ from bot.flows import CallFlow
 from bot.prompts import greeting, render_system_prompt
 from bot.turn_models import new_turn_analyzer, new_vad_analyzer
 from crm import calls as crm_calls
+from processors.barge_in import BargeInUserTurnStartStrategy
+from processors.latency import LatencyObserver
+from processors.session_snapshot import (
+    SessionSnapshotProcessor,
+    SnapshotStore,
+    session_snapshot,
+)
 from tools.console import make_tool_context
 from tools.customers import identify_caller
 from tools.handoff import is_open
@@ -157,13 +165,29 @@ async def run_call(
         session.scenario, profile=profile, session=session, now=clock()
     )
     stt, llm, tts = _services(resources, system_prompt, options.sample_rate)
+    settings = resources.settings
+    latency = LatencyObserver(call_sid=session.call_sid)
+    snapshots = SessionSnapshotProcessor(
+        call_sid=session.call_sid,
+        store=SnapshotStore(resources.redis, ttl_secs=settings.snapshot_ttl_secs),
+        provider=lambda: session_snapshot(
+            session, latency, last_turns=settings.snapshot_transcript_turns
+        ),
+    )
+    barge_in = BargeInUserTurnStartStrategy(
+        min_words=settings.barge_in_min_words,
+        min_speech_secs=settings.barge_in_min_speech_secs,
+        max_backchannel_words=settings.barge_in_max_backchannel_words,
+        protect_first_utterance=settings.barge_in_protect_disclosure,
+    )
     context = LLMContext()
     aggregators = LLMContextAggregatorPair(
         context,
         user_params=LLMUserAggregatorParams(
             vad_analyzer=new_vad_analyzer(),
             user_turn_strategies=UserTurnStrategies(
-                stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=new_turn_analyzer())]
+                start=[barge_in],
+                stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=new_turn_analyzer())],
             ),
             user_mute_strategies=[FunctionCallUserMuteStrategy()],
             user_idle_timeout=options.user_idle_timeout,
@@ -178,6 +202,7 @@ async def run_call(
             llm,
             tts,
             transport.output(),
+            snapshots,
             *options.extra_processors_after_output,
             aggregators.assistant(),
         ]
@@ -190,7 +215,7 @@ async def run_call(
             enable_metrics=True,
             enable_usage_metrics=True,
         ),
-        observers=list(options.observers),
+        observers=[latency, *options.observers],
         enable_rtvi=False,
         idle_timeout_secs=options.idle_timeout_secs,
     )
@@ -287,15 +312,18 @@ async def run_call(
             await maybe
 
     runner = WorkerRunner(handle_sigint=False)
+    metrics.call_started()
     try:
         await runner.add_workers(worker)
         await runner.run()
     finally:
-        await _finish(resources, session, ctx)
+        session.turn_metrics = latency.to_json()
+        await _finish(resources, session)
+        metrics.call_finished(session.direction, session.outcome)
     return session
 
 
-async def _finish(resources: AppResources, session: CallSession, ctx) -> None:
+async def _finish(resources: AppResources, session: CallSession) -> None:
     if session.outcome is None:
         session.outcome = "abandoned" if not session.transcript else "info"
     summary = (
@@ -311,7 +339,7 @@ async def _finish(resources: AppResources, session: CallSession, ctx) -> None:
                 verified=session.verified,
                 outcome=session.outcome,
                 transcript=session.transcript,
-                turn_metrics=getattr(session, "turn_metrics", []),
+                turn_metrics=session.turn_metrics,
                 summary=summary,
                 appointment_ids=session.appointment_ids,
             )
