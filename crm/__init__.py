@@ -1,0 +1,1 @@
+"""The CRM: SQL migrations, queries and row types (plain, parameterised SQL)."""
