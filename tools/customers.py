@@ -20,6 +20,8 @@ from crm import customers as crm_customers
 from tools.registry import ToolContext, ToolRefusal, tool
 
 MAX_FAILED_ATTEMPTS = 3
+#: Verified = caller ID plus one factor, or two factors (caller ID counts as one).
+FACTORS_NEEDED = 2
 LOCK_SECONDS = 15 * 60
 LOCKED_SAY = (
     "I'm sorry, I can't verify your identity on this call right now. "
@@ -226,30 +228,18 @@ async def verify_customer(
             "Could you tell me your date of birth, ZIP code, or the last four of your VIN?",
             code="missing_argument",
         )
+    refusal: ToolRefusal | None = None
     async with ctx.db.connection() as conn:
         identity = await crm_customers.get_identity(conn, customer_id)
         if identity is None:
             raise ToolRefusal("I couldn't find that account anymore.", code="no_customer")
-        passed: set[str] = set()
-        failed = False
-        if date_of_birth:
-            parsed = parse_spoken_date(date_of_birth)
-            if parsed is not None and parsed == identity.date_of_birth:
-                passed.add("date_of_birth")
-            else:
-                failed = True
-        if zip_code:
-            given = re.sub(r"\D", "", zip_code)[:5]
-            if identity.zip_code and given == identity.zip_code[:5]:
-                passed.add("zip_code")
-            else:
-                failed = True
-        if vin_last4:
-            last4 = re.sub(r"[^A-Za-z0-9]", "", vin_last4)[-4:].upper()
-            if len(last4) == 4 and await crm_customers.vin_last4_matches(conn, customer_id, last4):
-                passed.add("vin_last4")
-            else:
-                failed = True
+        passed, failed = await _check_factors(
+            conn,
+            identity,
+            date_of_birth=date_of_birth,
+            zip_code=zip_code,
+            vin_last4=vin_last4,
+        )
         if failed:
             count = await _record_failure(ctx, customer_id)
             locked_until = (
@@ -262,27 +252,64 @@ async def verify_customer(
             )
             if locked_until:
                 logger.info(f"verification locked for customer {customer_id}")
-                raise ToolRefusal(LOCKED_SAY, code="locked", transfer=True)
-            raise ToolRefusal(
-                "That doesn't match what I have on file. Could you try again?",
-                code="mismatch",
-            )
-        session.factors.update(passed)  # type: ignore[arg-type]
-        needed = 2
-        if len(session.factors) >= needed:
-            session.verified = True
-            await crm_customers.record_verification(
-                conn, customer_id, success=True, locked_until=None
-            )
-            fail_key, _ = _keys(customer_id)
-            await ctx.redis.delete(fail_key)
-            return {"ok": True, "verified": True, "first_name": session.customer_first_name}
+                refusal = ToolRefusal(LOCKED_SAY, code="locked", transfer=True)
+            else:
+                refusal = ToolRefusal(
+                    "That doesn't match what I have on file. Could you try again?",
+                    code="mismatch",
+                )
+        else:
+            session.factors.update(passed)  # type: ignore[arg-type]
+            if len(session.factors) >= FACTORS_NEEDED:
+                session.verified = True
+                await crm_customers.record_verification(
+                    conn, customer_id, success=True, locked_until=None
+                )
+    # Raised only after the block, so the attempt above is committed, not rolled back.
+    if refusal is not None:
+        raise refusal
+    if session.verified:
+        fail_key, _ = _keys(customer_id)
+        await ctx.redis.delete(fail_key)
+        return {"ok": True, "verified": True, "first_name": session.customer_first_name}
     return {
         "ok": True,
         "verified": False,
         "say": "Thanks. I need one more detail: your date of birth, ZIP code, or the last "
         "four of your VIN.",
     }
+
+
+async def _check_factors(
+    conn,
+    identity: crm_customers.CustomerIdentity,
+    *,
+    date_of_birth: str | None,
+    zip_code: str | None,
+    vin_last4: str | None,
+) -> tuple[set[str], bool]:
+    """Which given factors match the record, and whether any given factor failed."""
+    passed: set[str] = set()
+    failed = False
+    if date_of_birth:
+        parsed = parse_spoken_date(date_of_birth)
+        if parsed is not None and parsed == identity.date_of_birth:
+            passed.add("date_of_birth")
+        else:
+            failed = True
+    if zip_code:
+        given = re.sub(r"\D", "", zip_code)[:5]
+        if identity.zip_code and given == identity.zip_code[:5]:
+            passed.add("zip_code")
+        else:
+            failed = True
+    if vin_last4:
+        last4 = re.sub(r"[^A-Za-z0-9]", "", vin_last4)[-4:].upper()
+        if len(last4) == 4 and await crm_customers.vin_last4_matches(conn, identity.id, last4):
+            passed.add("vin_last4")
+        else:
+            failed = True
+    return passed, failed
 
 
 async def _record_failure(ctx: ToolContext, customer_id: int) -> int:

@@ -1,0 +1,414 @@
+"""The bot's tools against a real Postgres and Redis: happy paths, refusals, attacks."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from datetime import datetime, time, timedelta
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from app.call_session import CallSession
+from app.profile import TimeRange, load_profile
+from app.settings import DEFAULT_PROFILE
+from crm.vin import is_valid_vin, make_vin
+from scheduling.calendar import PostgresCalendar
+from tools.registry import ToolContext, run_tool
+
+BASE_PROFILE = load_profile(DEFAULT_PROFILE)
+TZ = BASE_PROFILE.time_zone
+# Monday 2026-11-30 09:00 local: open, and the next days are ordinary weekdays.
+NOW = datetime(2026, 11, 30, 9, 0, tzinfo=TZ)
+ANA_PHONE = "+15555550100"
+BEN_PHONE = "+15555550101"
+
+
+@pytest.fixture
+async def pool(migrated_db: str):
+    async with AsyncConnectionPool(migrated_db, min_size=1, max_size=30, open=False) as pool:
+        yield pool
+
+
+@pytest.fixture
+async def crm_data(pool: AsyncConnectionPool) -> dict[str, int]:
+    """Two customers with one vehicle each."""
+    ids: dict[str, int] = {}
+    async with pool.connection() as conn:
+        for key, first, last, phone, dob, zip_code, serial in (
+            ("ana", "Ana", "Lopez", ANA_PHONE, "1985-04-12", "60614", "100001"),
+            ("ben", "Ben", "Okafor", BEN_PHONE, "1979-09-30", "60201", "100002"),
+        ):
+            cur = await conn.execute(
+                """
+                INSERT INTO customers (first_name, last_name, phone, zip_code, date_of_birth,
+                                       call_consent, do_not_call)
+                VALUES (%s, %s, %s, %s, %s, true, false) RETURNING id
+                """,
+                (first, last, phone, zip_code, dob),
+            )
+            ids[key] = (await cur.fetchone())[0]
+            vin = make_vin(wmi="4T1", vds="B11HK", year_code="M", plant="U", serial=serial)
+            assert is_valid_vin(vin)
+            cur = await conn.execute(
+                """
+                INSERT INTO vehicles (customer_id, vin, year, make, model, trim, current_mileage)
+                VALUES (%s, %s, 2021, 'Toyota', 'Camry', 'SE', 31000) RETURNING id
+                """,
+                (ids[key], vin),
+            )
+            ids[f"{key}_vehicle"] = (await cur.fetchone())[0]
+            ids[f"{key}_vin4"] = vin[-4:]  # type: ignore[assignment]
+    return ids
+
+
+def make_ctx(pool, redis_client, caller: str | None, *, now=NOW, profile=BASE_PROFILE, sid=None):
+    session = CallSession(call_sid=sid or f"CA{id(object()):x}", caller_phone=caller)
+    return ToolContext(
+        session=session,
+        db=pool,
+        redis=redis_client,
+        profile=profile,
+        calendar=PostgresCalendar(),
+        now=lambda: now,
+    )
+
+
+async def verified_ctx(
+    pool, redis_client, caller=ANA_PHONE, dob="1985-04-12", **kwargs
+) -> ToolContext:
+    from tools.customers import identify_caller
+
+    ctx = make_ctx(pool, redis_client, caller, **kwargs)
+    assert await identify_caller(ctx)
+    result = await run_tool(ctx, "verify_customer", {"date_of_birth": dob})
+    assert result["verified"] is True, result
+    return ctx
+
+
+async def appointment_rows(pool) -> list[tuple]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id, customer_id, vehicle_id, bay_id, starts_at, status, "
+            "rescheduled_from_id, cancel_reason FROM appointments ORDER BY id"
+        )
+        return await cur.fetchall()
+
+
+# -- verification -----------------------------------------------------------------------
+
+
+async def test_caller_id_plus_one_factor_verifies(pool, redis_client, crm_data) -> None:
+    ctx = await verified_ctx(pool, redis_client)
+    history = await run_tool(ctx, "get_vehicle_history", {})
+    assert history["ok"] and history["vehicles"][0]["vehicle_id"] == crm_data["ana_vehicle"]
+    assert history["vehicles"][0]["name"] == "2021 Toyota Camry SE"
+
+
+async def test_unverified_caller_gets_no_vehicle_data(pool, redis_client, crm_data) -> None:
+    from tools.customers import identify_caller
+
+    ctx = make_ctx(pool, redis_client, ANA_PHONE)
+    await identify_caller(ctx)
+    for name, args in (
+        ("get_vehicle_history", {}),
+        ("list_appointments", {}),
+        ("cancel_appointment", {"appointment_id": 1}),
+    ):
+        result = await run_tool(ctx, name, args)
+        assert result["ok"] is False and result["error"] == "not_verified"
+        assert "Camry" not in json.dumps(result)
+
+
+async def test_lookup_reveals_first_name_only_and_needs_two_factors(
+    pool, redis_client, crm_data
+) -> None:
+    ctx = make_ctx(pool, redis_client, "+15555559999")  # unknown caller ID
+    found = await run_tool(ctx, "lookup_customer", {"first_name": "ana", "last_name": "LOPEZ"})
+    assert found == {
+        "ok": True,
+        "found": True,
+        "first_name": "Ana",
+        "needs": "verification",
+        "factors_needed": 2,
+    }
+    one = await run_tool(ctx, "verify_customer", {"zip_code": "60614"})
+    assert one["verified"] is False
+    two = await run_tool(ctx, "verify_customer", {"vin_last4": crm_data["ana_vin4"].lower()})
+    assert two["verified"] is True
+    missing = await run_tool(ctx, "lookup_customer", {"last_name": "Nobody"})
+    assert missing["found"] is False
+
+
+async def test_date_of_birth_is_never_read_back(pool, redis_client, crm_data) -> None:
+    ctx = await verified_ctx(pool, redis_client)
+    outputs = [
+        await run_tool(ctx, name, {})
+        for name in ("get_vehicle_history", "list_appointments", "verify_customer")
+    ]
+    text = json.dumps(outputs)
+    assert "1985" not in text and "60614" not in text and ANA_PHONE not in text
+
+
+async def test_lockout_after_three_failures_shared_by_concurrent_calls(
+    pool, redis_client, crm_data
+) -> None:
+    from tools.customers import identify_caller
+
+    first, second = (make_ctx(pool, redis_client, ANA_PHONE) for _ in range(2))
+    for ctx in (first, second):
+        await identify_caller(ctx)
+    results = await asyncio.gather(
+        run_tool(first, "verify_customer", {"date_of_birth": "1990-01-01"}),
+        run_tool(second, "verify_customer", {"zip_code": "99999"}),
+        run_tool(first, "verify_customer", {"vin_last4": "0000"}),
+    )
+    assert sorted(r["error"] for r in results) == ["locked", "mismatch", "mismatch"]
+    # Now even the right answer is refused, in either call, with a transfer hint.
+    for ctx in (first, second):
+        locked = await run_tool(ctx, "verify_customer", {"date_of_birth": "1985-04-12"})
+        assert locked["error"] == "locked" and locked["transfer"] is True
+        assert not ctx.session.verified
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT verification_locked_until > now() FROM customers WHERE id = %s",
+            (crm_data["ana"],),
+        )
+        assert (await cur.fetchone())[0] is True
+
+
+# -- availability and booking -----------------------------------------------------------
+
+
+async def test_book_happy_path_and_idempotent_retry(pool, redis_client, crm_data) -> None:
+    ctx = await verified_ctx(pool, redis_client)
+    slots = await run_tool(ctx, "check_availability", {"service_type": "oil_change"})
+    assert slots["ok"] and 1 <= len(slots["slots"]) <= 5
+    chosen = slots["slots"][0]
+    assert chosen["when"].startswith("Monday, November 30 at 11:00 AM")  # 2 h lead time
+    args = {
+        "slot_id": chosen["slot_id"],
+        "vehicle_id": crm_data["ana_vehicle"],
+        "service_type": "oil_change",
+        "transportation": "waiter",
+    }
+    booked = await run_tool(ctx, "book_appointment", args)
+    assert booked["ok"], booked
+    assert len(booked["confirmation_code"]) == 6
+    again = await run_tool(ctx, "book_appointment", args)
+    assert again["appointment_id"] == booked["appointment_id"]
+    rows = await appointment_rows(pool)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row[1] == crm_data["ana"] and row[2] == crm_data["ana_vehicle"]
+    assert row[4] == ctx.session.offered_slots[chosen["slot_id"]].starts_at
+    assert row[5] == "scheduled"
+
+
+async def test_attacks_are_refused(pool, redis_client, crm_data) -> None:
+    ctx = make_ctx(pool, redis_client, ANA_PHONE)
+    from tools.customers import identify_caller
+
+    await identify_caller(ctx)
+    slots = await run_tool(ctx, "check_availability", {"service_type": "oil_change"})
+    slot_id = slots["slots"][0]["slot_id"]
+    before = await run_tool(
+        ctx,
+        "book_appointment",
+        {"slot_id": slot_id, "vehicle_id": crm_data["ana_vehicle"], "service_type": "oil_change"},
+    )
+    assert before["error"] == "not_verified"
+    await run_tool(ctx, "verify_customer", {"date_of_birth": "April 12th, 1985"})
+    assert ctx.session.verified
+    other_vehicle = await run_tool(
+        ctx,
+        "book_appointment",
+        {"slot_id": slot_id, "vehicle_id": crm_data["ben_vehicle"], "service_type": "oil_change"},
+    )
+    assert other_vehicle["error"] == "unknown_vehicle"
+    invented = await run_tool(
+        ctx,
+        "book_appointment",
+        {
+            "slot_id": "slot-abc123",
+            "vehicle_id": crm_data["ana_vehicle"],
+            "service_type": "oil_change",
+        },
+    )
+    assert invented["error"] == "unknown_slot"
+    history = await run_tool(ctx, "get_vehicle_history", {"vehicle_id": crm_data["ben_vehicle"]})
+    assert history["error"] == "unknown_vehicle" and "Camry" not in json.dumps(history)
+    assert await appointment_rows(pool) == []
+    # Ben's appointment cannot be cancelled or moved by Ana.
+    ben = await verified_ctx(pool, redis_client, caller=BEN_PHONE, dob="1979-09-30")
+    ben_slots = await run_tool(ben, "check_availability", {"service_type": "oil_change"})
+    ben_booked = await run_tool(
+        ben,
+        "book_appointment",
+        {
+            "slot_id": ben_slots["slots"][0]["slot_id"],
+            "vehicle_id": crm_data["ben_vehicle"],
+            "service_type": "oil_change",
+        },
+    )
+    cancel = await run_tool(
+        ctx, "cancel_appointment", {"appointment_id": ben_booked["appointment_id"]}
+    )
+    assert cancel["error"] == "unknown_appointment"
+    unknown = await run_tool(ctx, "check_availability", {"service_type": "teleportation"})
+    assert unknown["error"] == "unknown_service" and "say" in unknown
+
+
+async def test_fifty_concurrent_bookings_of_one_slot(pool, redis_client, crm_data) -> None:
+    contexts = []
+    for i in range(50):
+        ctx = make_ctx(pool, redis_client, ANA_PHONE, sid=f"CA{i:032d}")
+        ctx.session.match_customer(customer_id=crm_data["ana"], first_name="Ana", caller_id=True)
+        ctx.session.verified = True
+        contexts.append(ctx)
+    offered = [
+        (await run_tool(ctx, "check_availability", {"service_type": "alignment"}))["slots"][0]
+        for ctx in contexts
+    ]
+    assert len({o["when"] for o in offered}) == 1  # everyone was offered the same slot
+    results = await asyncio.gather(
+        *(
+            run_tool(
+                ctx,
+                "book_appointment",
+                {
+                    "slot_id": o["slot_id"],
+                    "vehicle_id": crm_data["ana_vehicle"],
+                    "service_type": "alignment",
+                },
+            )
+            for ctx, o in zip(contexts, offered, strict=True)
+        )
+    )
+    winners = [r for r in results if r["ok"]]
+    losers = [r for r in results if not r["ok"]]
+    assert len(winners) == 1
+    assert len(losers) == 49
+    assert all(r["error"] == "slot_taken" and len(r["alternatives"]) == 2 for r in losers)
+    assert len(await appointment_rows(pool)) == 1
+
+
+async def test_reschedule_and_cancel_keep_history(pool, redis_client, crm_data) -> None:
+    ctx = await verified_ctx(pool, redis_client)
+    slots = (await run_tool(ctx, "check_availability", {"service_type": "oil_change"}))["slots"]
+    booked = await run_tool(
+        ctx,
+        "book_appointment",
+        {
+            "slot_id": slots[0]["slot_id"],
+            "vehicle_id": crm_data["ana_vehicle"],
+            "service_type": "oil_change",
+        },
+    )
+    moved = await run_tool(
+        ctx,
+        "reschedule_appointment",
+        {"appointment_id": booked["appointment_id"], "slot_id": slots[1]["slot_id"]},
+    )
+    assert moved["ok"], moved
+    listed = await run_tool(ctx, "list_appointments", {})
+    assert [a["appointment_id"] for a in listed["appointments"]] == [moved["appointment_id"]]
+    cancelled = await run_tool(
+        ctx,
+        "cancel_appointment",
+        {"appointment_id": moved["appointment_id"], "reason": "car sold"},
+    )
+    assert cancelled["ok"]
+    rows = await appointment_rows(pool)
+    assert [(r[5], r[6], r[7]) for r in rows] == [
+        ("cancelled", None, "rescheduled"),
+        ("cancelled", booked["appointment_id"], "car sold"),
+    ]
+    # The freed time can be booked again by someone else.
+    again = await run_tool(ctx, "check_availability", {"service_type": "oil_change"})
+    assert again["slots"][0]["when"] == slots[0]["when"]
+
+
+async def test_booking_survives_barge_in(pool, redis_client, crm_data, monkeypatch) -> None:
+    """Cancelling the handler mid-write (caller barges in) neither loses nor halves it."""
+    import crm.appointments as crm_appointments
+
+    ctx = await verified_ctx(pool, redis_client)
+    slot_id = (await run_tool(ctx, "check_availability", {"service_type": "oil_change"}))["slots"][
+        0
+    ]["slot_id"]
+    real_insert = crm_appointments.insert_appointment
+    entered = asyncio.Event()
+
+    async def slow_insert(conn, **kwargs):
+        entered.set()
+        await asyncio.sleep(0.3)
+        return await real_insert(conn, **kwargs)
+
+    monkeypatch.setattr(crm_appointments, "insert_appointment", slow_insert)
+    task = asyncio.create_task(
+        run_tool(
+            ctx,
+            "book_appointment",
+            {
+                "slot_id": slot_id,
+                "vehicle_id": crm_data["ana_vehicle"],
+                "service_type": "oil_change",
+            },
+        )
+    )
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    rows = await appointment_rows(pool)
+    assert len(rows) == 1 and rows[0][5] == "scheduled"
+    assert ctx.session.late_results[-1]["tool"] == "book_appointment"
+    assert ctx.session.late_results[-1]["result"]["appointment_id"] == rows[0][0]
+
+
+async def test_dst_change_slots_are_labelled_in_local_time(pool, redis_client, crm_data) -> None:
+    # Saturday 2027-03-13 → Monday 2027-03-15 across the spring-forward night.
+    now = datetime(2027, 3, 13, 14, 0, tzinfo=TZ)
+    ctx = await verified_ctx(pool, redis_client, now=now)
+    result = await run_tool(
+        ctx,
+        "check_availability",
+        {"service_type": "oil_change", "date_from": "2027-03-15", "date_to": "2027-03-15"},
+    )
+    first = result["slots"][0]
+    assert first["when"] == "Monday, March 15 at 7:30 AM"
+    slot = ctx.session.offered_slots[first["slot_id"]]
+    assert slot.starts_at.utcoffset() == timedelta(hours=-5)  # CDT after the change
+
+
+# -- hand-off ---------------------------------------------------------------------------
+
+
+async def test_transfer_during_hours_and_callback_after_hours(pool, redis_client, crm_data) -> None:
+    ctx = make_ctx(pool, redis_client, ANA_PHONE)
+    result = await run_tool(ctx, "transfer_to_advisor", {"reason": "wants a person"})
+    assert result["transferring"] is True and ctx.session.pending_action == "transfer"
+    night = datetime.combine(NOW.date(), time(22, 0), tzinfo=TZ)
+    late = make_ctx(pool, redis_client, ANA_PHONE, now=night, sid="CAlate")
+    result = await run_tool(late, "transfer_to_advisor", {"reason": "brakes squeal"})
+    assert result["transferring"] is False
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT call_sid, reason, status FROM callback_requests WHERE call_sid = 'CAlate'"
+        )
+        assert await cur.fetchone() == ("CAlate", "brakes squeal", "open")
+    ended = await run_tool(late, "end_call", {})
+    assert ended["ending"] and late.session.pending_action == "end"
+
+
+async def test_closed_profile_hours_respected(pool, redis_client, crm_data) -> None:
+    saturday_only = dataclasses.replace(
+        BASE_PROFILE,
+        hours={"saturday": (TimeRange(time(8), time(12)),)},
+    )
+    ctx = await verified_ctx(pool, redis_client, profile=saturday_only)
+    result = await run_tool(ctx, "check_availability", {"service_type": "oil_change"})
+    assert result["slots"]
+    assert all(s["when"].startswith("Saturday") for s in result["slots"])
