@@ -1,0 +1,213 @@
+"""Offline tests proving the local vendor fakes speak the real wire protocols."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import openai
+import pytest
+from pipecat.audio.vad.silero import SileroVADAnalyzer
+from pipecat.audio.vad.vad_analyzer import VADState
+from pipecat.frames.frames import LLMContextFrame, LLMTextFrame
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.services.llm_service import FunctionCallParams
+from pipecat.services.openai.llm import OpenAILLMService
+from pipecat.tests.utils import run_test
+from twilio.base.exceptions import TwilioRestException
+
+from app.settings import Settings
+from bot.twilio import twilio_client
+from tests.fakes.audio import (
+    pcm16_to_ulaw,
+    silence_ulaw,
+    speech_ulaw,
+    ulaw_to_pcm16,
+)
+from tests.fakes.openai_chat import FakeOpenAI, call_tool, call_tools, fail, say
+from tests.fakes.twilio_rest import FakeTwilioREST
+
+ACCOUNT_SID = "AC" + "1" * 32
+AUTH_TOKEN = "fake-token"
+
+
+# --- audio -----------------------------------------------------------------------------
+
+
+def test_ulaw_round_trip() -> None:
+    """Every mu-law code survives decode/encode; PCM survives within quantisation."""
+    codes = bytes(range(256))
+    again = pcm16_to_ulaw(ulaw_to_pcm16(codes))
+    assert [i for i in range(256) if again[i] != codes[i]] == [0x7F]  # -0 encodes as +0
+    assert ulaw_to_pcm16(b"\xff\x00\x80") == np.array([0, -32124, 32124], "<i2").tobytes()
+    pcm = (np.sin(np.arange(800) / 5) * 20000).astype("<i2")
+    back = np.frombuffer(ulaw_to_pcm16(pcm16_to_ulaw(pcm.tobytes())), "<i2")
+    err = np.abs(back.astype(int) - pcm.astype(int))
+    assert np.all(err <= np.abs(pcm.astype(int)) * 0.07 + 8)
+    assert silence_ulaw(0.02) == b"\xff" * 160
+    assert len(speech_ulaw(1.0)) == 8000
+
+
+async def test_silero_vad_detects_speech_ulaw() -> None:
+    """Silero at 8 kHz goes to SPEAKING on speech_ulaw and back to QUIET on silence."""
+    for freq in (110.0, 220.0):
+        vad = SileroVADAnalyzer()
+        vad.set_sample_rate(8000)
+        audio = silence_ulaw(0.3) + speech_ulaw(1.0, freq=freq) + silence_ulaw(0.6)
+        pcm = ulaw_to_pcm16(audio)
+        states = [await vad.analyze_audio(pcm[i : i + 320]) for i in range(0, len(pcm), 320)]
+        assert states[10] == VADState.QUIET
+        assert VADState.SPEAKING in states
+        assert states[-1] == VADState.QUIET
+
+
+# --- OpenAI ----------------------------------------------------------------------------
+
+
+async def test_openai_sdk_streams_text_tools_and_errors() -> None:
+    """The official AsyncOpenAI client parses the fake's SSE chunks."""
+    script = [
+        say("Hi there, how can I help?"),
+        call_tools([("lookup", {"phone": "+15550100"}), ("slots", {"day": "mon"})]),
+        fail(500, retryable=False),
+        lambda body: say(f"{len(body['messages'])} messages"),
+    ]
+    async with FakeOpenAI(script, api_key="sk-test") as fake:
+        assert fake.base_url.endswith("/v1")
+        client = openai.AsyncOpenAI(api_key="sk-test", base_url=fake.base_url)
+        msgs = [{"role": "user", "content": "hello"}]
+
+        async def collect() -> tuple[str, dict[int, dict[str, str]], list[str | None], object]:
+            stream = await client.chat.completions.create(
+                model="gpt-4o",
+                messages=msgs,  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            text, calls, finishes, usage = "", {}, [], None
+            async for chunk in stream:
+                if chunk.usage:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+                    finishes.append(choice.finish_reason)
+                    for tc in choice.delta.tool_calls or []:
+                        slot = calls.setdefault(tc.index, {"id": "", "name": "", "args": ""})
+                        slot["id"] += tc.id or ""
+                        slot["name"] += (tc.function and tc.function.name) or ""
+                        slot["args"] += (tc.function and tc.function.arguments) or ""
+            return text, calls, finishes, usage
+
+        text, calls, finishes, usage = await collect()
+        assert text == "Hi there, how can I help?"
+        assert finishes[-1] == "stop" and usage is not None and usage.total_tokens > 0
+
+        text, calls, finishes, _ = await collect()
+        assert finishes[-1] == "tool_calls"
+        assert [c["name"] for c in calls.values()] == ["lookup", "slots"]
+        assert json.loads(calls[0]["args"]) == {"phone": "+15550100"}
+        assert calls[1]["id"].startswith("call_")
+
+        with pytest.raises(openai.InternalServerError):
+            await collect()
+        assert (await collect())[0] == "1 messages"
+        assert (await collect())[0] == "Is there anything else?"  # script exhausted
+
+        bad = openai.AsyncOpenAI(api_key="wrong", base_url=fake.base_url, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await bad.chat.completions.create(model="gpt-4o", messages=msgs)  # type: ignore[arg-type]
+        assert len(fake.requests) == 5
+        assert fake.requests[0]["stream_options"] == {"include_usage": True}
+
+
+async def test_openai_fake_with_pipecat_llm_service() -> None:
+    """Pipecat's OpenAILLMService streams text and runs a tool handler against the fake."""
+    async with FakeOpenAI([call_tool("get_time", {"tz": "UTC"}), say("It is noon.")]) as fake:
+        llm = OpenAILLMService(
+            api_key="sk-test",
+            base_url=fake.base_url,
+            settings=OpenAILLMService.Settings(model="gpt-4o"),
+        )
+        got: list[dict] = []
+
+        async def get_time(params: FunctionCallParams) -> None:
+            got.append(dict(params.arguments))
+            await params.result_callback({"time": "12:00"})
+
+        llm.register_function("get_time", get_time)
+        context = LLMContext(messages=[{"role": "user", "content": "What time is it?"}])
+        await run_test(llm, frames_to_send=[LLMContextFrame(context)])
+        assert got == [{"tz": "UTC"}]
+        down, _ = await run_test(llm, frames_to_send=[LLMContextFrame(context)])
+        text = "".join(f.text for f in down if isinstance(f, LLMTextFrame))
+        assert text == "It is noon."
+        assert fake.requests[0]["stream"] is True
+        assert fake.requests[0]["model"] == "gpt-4o"
+
+
+# --- Twilio REST -----------------------------------------------------------------------
+
+
+def _settings(base_url: str, token: str = AUTH_TOKEN) -> Settings:
+    return Settings(
+        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        TWILIO_AUTH_TOKEN=token,
+        TWILIO_API_BASE_URL=base_url,
+        TWILIO_PHONE_NUMBER="+15550001111",
+    )
+
+
+async def test_twilio_rest_fake_with_bot_twilio_client() -> None:
+    """bot.twilio.twilio_client creates and updates calls on the fake."""
+    async with FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as fake:
+        client = twilio_client(_settings(fake.base_url))
+        call = await asyncio.to_thread(
+            client.calls.create,
+            to="+15550002222",
+            from_="+15550001111",
+            url="https://example.test/twiml",
+            status_callback="https://example.test/status",
+            status_callback_event=["initiated", "answered", "completed"],
+            machine_detection="Enable",
+        )
+        assert call.sid and call.sid.startswith("CA") and len(call.sid) == 34
+        assert call.status == "queued" and call.to == "+15550002222"
+        method, path, form = fake.requests[0]
+        assert (method, path) == ("POST", f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls.json")
+        assert form["To"] == "+15550002222" and form["MachineDetection"] == "Enable"
+        assert fake.form_lists[0]["StatusCallbackEvent"] == ["initiated", "answered", "completed"]
+
+        updated = await asyncio.to_thread(
+            client.calls(call.sid).update, twiml="<Response><Hangup/></Response>"
+        )
+        assert updated.sid == call.sid
+        done = await asyncio.to_thread(client.calls(call.sid).update, status="completed")
+        assert done.status == "completed"
+        assert fake.requests[-1].form == {"Status": "completed"}
+
+        fake.fail_next_creates(1, status=400, code=21211)
+        with pytest.raises(TwilioRestException) as err:
+            await asyncio.to_thread(
+                client.calls.create, to="bad", from_="+15550001111", url="https://x.test/"
+            )
+        assert err.value.code == 21211 and err.value.status == 400
+
+        wrong = twilio_client(_settings(fake.base_url, token="nope"))
+        with pytest.raises(TwilioRestException) as err:
+            await asyncio.to_thread(wrong.calls(call.sid).fetch)
+        assert err.value.status == 401 and fake.auth_failures == 1
+
+
+async def test_twilio_rest_fake_counts_in_flight_creates() -> None:
+    """create_delay keeps creates in flight so concurrency caps can be observed."""
+    async with FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN, create_delay=0.2) as fake:
+        client = twilio_client(_settings(fake.base_url))
+
+        def create() -> str:
+            call = client.calls.create(to="+15550002222", from_="+15550001111", twiml="<Response/>")
+            return str(call.sid)
+
+        sids = await asyncio.gather(*(asyncio.to_thread(create) for _ in range(3)))
+        assert len(set(sids)) == 3 and set(fake.created) == set(sids)
+        assert fake.max_in_flight == 3 and fake.in_flight == 0
