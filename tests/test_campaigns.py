@@ -1,0 +1,487 @@
+"""Outbound campaigns against a real Postgres: planning, windows, dedupe, attempts, retries."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import psycopg
+import pytest
+
+from crm import campaigns as cc
+from crm.vin import make_vin
+
+CHI = ZoneInfo("America/Chicago")
+# Monday 2026-11-30 10:30 in Chicago: dealership open, every US zone but Hawaii in window.
+NOW = datetime(2026, 11, 30, 10, 30, tzinfo=CHI)
+RULES = cc.CallRules(
+    dealer_time_zone="America/Chicago",
+    dealer_window=(time(8, 0), time(21, 0)),
+    customer_window=(time(9, 0), time(20, 0)),
+)
+_serials = itertools.count(100001)
+_phones = itertools.count(5550100)
+_codes = itertools.count(1)
+
+
+def next_phone() -> str:
+    return f"+1312{next(_phones):07d}"
+
+
+@dataclass
+class Crm:
+    """Helpers that insert CRM rows into the test database."""
+
+    conn: psycopg.AsyncConnection
+    ids: dict[str, int] = field(default_factory=dict)
+
+    async def customer(
+        self,
+        key: str,
+        *,
+        phone: str | None = None,
+        alt_phone: str | None = None,
+        time_zone: str | None = "America/Chicago",
+        state: str | None = None,
+        do_not_call: bool = False,
+        call_consent: bool = True,
+        locked_until: datetime | None = None,
+        due_in_days: int | None = 3,
+    ) -> int:
+        """A customer, by default with one vehicle due for service in ``due_in_days``."""
+        cur = await self.conn.execute(
+            """
+            INSERT INTO customers (first_name, last_name, phone, alt_phone, time_zone, state,
+                                   do_not_call, call_consent, verification_locked_until)
+            VALUES (%s, 'Test', %s, %s, %s, %s, %s, %s, %s) RETURNING id
+            """,
+            (
+                key.title(),
+                phone or next_phone(),
+                alt_phone,
+                time_zone,
+                state,
+                do_not_call,
+                call_consent,
+                locked_until,
+            ),
+        )
+        self.ids[key] = (await cur.fetchone())[0]
+        if due_in_days is not None:
+            await self.vehicle(key, due_date=NOW.date() + timedelta(days=due_in_days))
+        return self.ids[key]
+
+    async def vehicle(
+        self,
+        key: str,
+        *,
+        due_date: date | None = None,
+        due_mileage: int | None = None,
+        current_mileage: int | None = None,
+        mileage_read_at: date | None = None,
+    ) -> int:
+        vin = make_vin(
+            wmi="1HG", vds="CV1F3", year_code="M", plant="A", serial=f"{next(_serials):06d}"
+        )
+        cur = await self.conn.execute(
+            """
+            INSERT INTO vehicles (customer_id, vin, year, make, model, current_mileage,
+                                  mileage_read_at, next_service_due_date,
+                                  next_service_due_mileage)
+            VALUES (%s, %s, 2021, 'Honda', 'Accord', %s, %s, %s, %s) RETURNING id
+            """,
+            (self.ids[key], vin, current_mileage, mileage_read_at, due_date, due_mileage),
+        )
+        vehicle_id = (await cur.fetchone())[0]
+        self.ids[f"{key}.vehicle"] = vehicle_id
+        return vehicle_id
+
+    async def history(self, vehicle_id: int, *points: tuple[date, int]) -> None:
+        for day, miles in points:
+            await self.conn.execute(
+                "INSERT INTO service_history (vehicle_id, service_date, mileage, "
+                "services_performed) VALUES (%s, %s, %s, '{oil_change}')",
+                (vehicle_id, day, miles),
+            )
+
+    async def appointment(
+        self, key: str, *, starts_at: datetime, status: str = "scheduled", bay: str = "bay-1"
+    ) -> int:
+        cur = await self.conn.execute(
+            """
+            INSERT INTO appointments (customer_id, vehicle_id, service_codes, status,
+                                      starts_at, ends_at, bay_id, confirmation_code)
+            VALUES (%s, %s, '{oil_change}', %s, %s, %s, %s, %s) RETURNING id
+            """,
+            (
+                self.ids[key],
+                self.ids[f"{key}.vehicle"],
+                status,
+                starts_at,
+                starts_at + timedelta(minutes=45),
+                bay,
+                f"C{next(_codes):05d}",
+            ),
+        )
+        return (await cur.fetchone())[0]
+
+
+@pytest.fixture
+async def conn(migrated_db: str):
+    async with await psycopg.AsyncConnection.connect(migrated_db, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def crm(conn) -> Crm:
+    return Crm(conn)
+
+
+async def planned_ids(
+    conn, *, now: datetime = NOW, rules: cc.CallRules = RULES, campaign: str = "service_due"
+) -> set[int]:
+    plan = await cc.plan_calls(conn, campaign=campaign, now=now, rules=rules)
+    return {p.customer_id for p in plan}
+
+
+# --- calling windows ------------------------------------------------------------------
+
+
+async def test_window_follows_each_customers_time_zone(conn, crm: Crm) -> None:
+    ny = await crm.customer("ny", time_zone="America/New_York")
+    chi = await crm.customer("chi", time_zone="America/Chicago")
+    la = await crm.customer("la", time_zone="America/Los_Angeles")
+    ca_by_state = await crm.customer("ca", time_zone=None, state="CA")
+    ny_by_state = await crm.customer("nys", time_zone=None, state="NY")
+    no_zone = await crm.customer("none", time_zone=None)
+    bogus = await crm.customer("bogus", time_zone="Mars/Olympus_Mons", state="NY")
+    texas = await crm.customer("tx", time_zone=None, state="TX")  # Central and Mountain
+
+    # 08:30 Chicago: only Eastern customers are past 09:00.
+    early = datetime(2026, 11, 30, 8, 30, tzinfo=CHI)
+    assert await planned_ids(conn, now=early) == {ny, ny_by_state, bogus}
+    # 09:30 Chicago = 08:30 Denver: Texas (part Mountain) still waits, Central is in.
+    assert await planned_ids(conn, now=datetime(2026, 11, 30, 9, 30, tzinfo=CHI)) == {
+        ny,
+        chi,
+        ny_by_state,
+        no_zone,
+        bogus,
+    }
+    # 11:30 Chicago = 09:30 Los Angeles: everyone.
+    late_morning = datetime(2026, 11, 30, 11, 30, tzinfo=CHI)
+    assert await planned_ids(conn, now=late_morning) == {
+        ny,
+        chi,
+        la,
+        ca_by_state,
+        ny_by_state,
+        no_zone,
+        bogus,
+        texas,
+    }
+    # 19:30 Chicago = 20:30 New York: Eastern customers are done for the day.
+    evening = datetime(2026, 11, 30, 19, 30, tzinfo=CHI)
+    assert await planned_ids(conn, now=evening) == {chi, la, ca_by_state, no_zone, texas}
+    plan = await cc.plan_calls(conn, campaign="service_due", now=evening, rules=RULES)
+    local = {p.customer_id: (p.time_zone, p.local_time) for p in plan}
+    assert local[la] == ("America/Los_Angeles", datetime(2026, 11, 30, 17, 30))
+    assert local[no_zone][0] == "America/Chicago"
+
+
+async def test_dealership_window_closes_everything(conn, crm: Crm) -> None:
+    await crm.customer("ny", time_zone="America/New_York")
+    rules = cc.CallRules(
+        dealer_time_zone="America/Chicago",
+        dealer_window=(time(9, 0), time(17, 0)),
+        customer_window=(time(8, 0), time(21, 0)),
+    )
+    assert await planned_ids(conn, now=datetime(2026, 11, 30, 8, 30, tzinfo=CHI), rules=rules) == (
+        set()
+    )
+    assert len(await planned_ids(conn, now=datetime(2026, 11, 30, 9, 0, tzinfo=CHI), rules=rules))
+
+
+async def test_customer_window_is_clamped_to_legal_hours(conn, crm: Crm) -> None:
+    ny = await crm.customer("ny", time_zone="America/New_York")
+    rules = cc.CallRules(
+        dealer_time_zone="America/New_York",
+        dealer_window=(time(0, 0), time(23, 59)),
+        customer_window=(time(6, 0), time(23, 0)),
+    )
+    ny_tz = ZoneInfo("America/New_York")
+    assert await planned_ids(
+        conn, now=datetime(2026, 11, 30, 7, 59, tzinfo=ny_tz), rules=rules
+    ) == (set())
+    assert await planned_ids(conn, now=datetime(2026, 11, 30, 8, 0, tzinfo=ny_tz), rules=rules) == {
+        ny
+    }
+    assert await planned_ids(
+        conn, now=datetime(2026, 11, 30, 21, 0, tzinfo=ny_tz), rules=rules
+    ) == (set())
+
+
+async def test_window_across_the_end_of_daylight_saving_time(conn, crm: Crm) -> None:
+    """The same UTC instant is inside the window before 2026-11-01 and outside after it."""
+    ny = await crm.customer("ny", time_zone="America/New_York", due_in_days=-60)
+    la = await crm.customer("la", time_zone="America/Los_Angeles", due_in_days=-60)
+    open_all_day = (time(0, 0), time(23, 59))
+    east = cc.CallRules(dealer_time_zone="America/New_York", dealer_window=open_all_day)
+    west = cc.CallRules(dealer_time_zone="America/Los_Angeles", dealer_window=open_all_day)
+
+    # 13:30 UTC: 09:30 EDT on Friday 30 October, but 08:30 EST on Monday 2 November.
+    before = datetime(2026, 10, 30, 13, 30, tzinfo=UTC)
+    after = datetime(2026, 11, 2, 13, 30, tzinfo=UTC)
+    assert await planned_ids(conn, now=before, rules=east) == {ny}
+    assert await planned_ids(conn, now=after, rules=east) == set()
+    # 03:30 UTC: 20:30 PDT (too late) before the change, 19:30 PST (fine) after it.
+    assert await planned_ids(conn, now=datetime(2026, 10, 31, 3, 30, tzinfo=UTC), rules=west) == (
+        set()
+    )
+    assert await planned_ids(conn, now=datetime(2026, 11, 3, 3, 30, tzinfo=UTC), rules=west) == {la}
+    # On the night of the change itself (01:30 happens twice in New York): nobody.
+    night = datetime(2026, 11, 1, 6, 30, tzinfo=UTC)
+    assert await planned_ids(conn, now=night, rules=east) == set()
+
+
+# --- who is called ----------------------------------------------------------------------
+
+
+async def test_do_not_call_consent_and_verification_lock_are_respected(conn, crm: Crm) -> None:
+    ok = await crm.customer("ok")
+    await crm.customer("dnc", do_not_call=True)
+    await crm.customer("noconsent", call_consent=False)
+    await crm.customer("locked", locked_until=NOW + timedelta(minutes=10))
+    lock_over = await crm.customer("lockover", locked_until=NOW - timedelta(minutes=1))
+    assert await planned_ids(conn) == {ok, lock_over}
+
+
+async def test_service_due_by_date_mileage_and_history_rate(conn, crm: Crm) -> None:
+    soon = await crm.customer("soon", due_in_days=7)
+    await crm.customer("later", due_in_days=8)
+    overdue = await crm.customer("overdue", due_in_days=-30)
+    # 29,000 mi read 30 days ago; no history: 35 mi/day -> ~30,050 mi >= 30,000.
+    by_default_rate = await crm.customer("rate35", due_in_days=None)
+    await crm.vehicle(
+        "rate35",
+        due_mileage=30000,
+        current_mileage=29000,
+        mileage_read_at=NOW.date() - timedelta(days=30),
+    )
+    # Same, but its history says 10 mi/day -> ~29,300 mi: not due yet.
+    await crm.customer("rate10", due_in_days=None)
+    slow = await crm.vehicle(
+        "rate10",
+        due_mileage=30000,
+        current_mileage=29000,
+        mileage_read_at=NOW.date() - timedelta(days=30),
+    )
+    await crm.history(slow, (date(2026, 1, 1), 26000), (date(2026, 4, 11), 27000))
+    plan = await cc.plan_calls(conn, campaign="service_due", now=NOW, rules=RULES)
+    assert [p.customer_id for p in plan][:1] == [overdue]  # most urgent first
+    assert {p.customer_id for p in plan} == {soon, overdue, by_default_rate}
+    reasons = {p.customer_id: p.reason for p in plan}
+    assert "estimated 30050 mi" in reasons[by_default_rate]
+
+
+async def test_upcoming_visit_and_recent_attempt_skip_service_due(conn, crm: Crm) -> None:
+    await crm.customer("booked")
+    await crm.appointment("booked", starts_at=NOW + timedelta(days=2))
+    past_only = await crm.customer("past")
+    await crm.appointment("past", starts_at=NOW - timedelta(days=200), status="no_show")
+    await crm.customer("recent")
+    await conn.execute(
+        "INSERT INTO campaign_attempts (campaign, customer_id, local_date, reason, status, "
+        "planned_at) VALUES ('service_due', %s, %s, 'x', 'completed', %s)",
+        (crm.ids["recent"], NOW.date() - timedelta(days=5), NOW - timedelta(days=5)),
+    )
+    long_ago = await crm.customer("longago")
+    await conn.execute(
+        "INSERT INTO campaign_attempts (campaign, customer_id, local_date, reason, status, "
+        "planned_at) VALUES ('service_due', %s, %s, 'x', 'completed', %s)",
+        (crm.ids["longago"], NOW.date() - timedelta(days=20), NOW - timedelta(days=20)),
+    )
+    assert await planned_ids(conn) == {past_only, long_ago}
+
+
+async def test_confirmations_plan_tomorrows_unconfirmed_appointments(conn, crm: Crm) -> None:
+    tomorrow = datetime(2026, 12, 1, 8, 0, tzinfo=CHI)
+    first = await crm.customer("first", due_in_days=None)
+    await crm.vehicle("first")
+    appt = await crm.appointment("first", starts_at=tomorrow)
+    late = await crm.customer("late", due_in_days=None)
+    await crm.vehicle("late")
+    await crm.appointment("late", starts_at=datetime(2026, 12, 1, 23, 0, tzinfo=CHI), bay="bay-2")
+    await crm.customer("confirmed", due_in_days=None)
+    await crm.vehicle("confirmed")
+    await crm.appointment("confirmed", starts_at=tomorrow, status="confirmed", bay="bay-3")
+    await crm.customer("today", due_in_days=None)
+    await crm.vehicle("today")
+    await crm.appointment("today", starts_at=NOW + timedelta(hours=3), bay="bay-4")
+    await crm.customer("later", due_in_days=None)
+    await crm.vehicle("later")
+    await crm.appointment("later", starts_at=tomorrow + timedelta(days=1), bay="bay-5")
+    plan = await cc.plan_calls(conn, campaign="confirmation", now=NOW, rules=RULES)
+    assert [p.customer_id for p in plan] == [first, late]
+    assert plan[0].appointment_id == appt
+    assert plan[0].reason == "appointment 2026-12-01 08:00"
+
+
+async def test_household_sharing_a_number_gets_one_call(conn, crm: Crm) -> None:
+    shared = next_phone()
+    parent = await crm.customer("parent", phone=shared, due_in_days=1)
+    await crm.customer("teen", alt_phone=shared, due_in_days=3)
+    other = await crm.customer("other", due_in_days=5)
+    # The other way round: the first customer's alternate is the second one's phone.
+    spouse_phone = next_phone()
+    await crm.customer("a", alt_phone=spouse_phone, due_in_days=6)
+    spouse = await crm.customer("spouse", phone=spouse_phone, due_in_days=4)
+    plan = await cc.plan_calls(conn, campaign="service_due", now=NOW, rules=RULES)
+    assert {p.customer_id for p in plan} == {parent, other, spouse}
+    # Once the parent was called today, the teen still waits for another day.
+    inserted = await cc.insert_attempts(conn, planned=plan, now=NOW)
+    assert set(inserted) == {parent, other, spouse}
+    assert await planned_ids(conn, now=NOW + timedelta(hours=2)) == set()
+
+
+async def test_limit_takes_the_most_urgent(conn, crm: Crm) -> None:
+    ids = [await crm.customer(f"c{i}", due_in_days=6 - i) for i in range(5)]
+    plan = await cc.plan_calls(conn, campaign="service_due", now=NOW, rules=RULES, limit=2)
+    assert [p.customer_id for p in plan] == [ids[4], ids[3]]
+
+
+# --- attempts -----------------------------------------------------------------------------
+
+
+async def test_rerun_inserts_and_dials_nobody_twice(conn, crm: Crm) -> None:
+    for key in ("a", "b", "c"):
+        await crm.customer(key)
+    plan = await cc.plan_calls(conn, campaign="service_due", now=NOW, rules=RULES)
+    first = await cc.insert_attempts(conn, planned=plan, now=NOW)
+    assert len(first) == 3
+    # The process "dies" here. A rerun the same day plans nobody, and re-inserting the
+    # old plan returns no rows to dial.
+    assert await planned_ids(conn, now=NOW + timedelta(minutes=5)) == set()
+    assert await cc.insert_attempts(conn, planned=plan, now=NOW) == {}
+
+
+async def test_claim_is_atomic_and_rechecks_flags(conn, crm: Crm, migrated_db: str) -> None:
+    a = await crm.customer("a")
+    b = await crm.customer("b")
+    plan = await cc.plan_calls(conn, campaign="service_due", now=NOW, rules=RULES)
+    ids = await cc.insert_attempts(conn, planned=plan, now=NOW)
+    async with await psycopg.AsyncConnection.connect(migrated_db, autocommit=True) as other:
+        won = await cc.claim_attempt(conn, attempt_id=ids[a], now=NOW, rules=RULES)
+        lost = await cc.claim_attempt(other, attempt_id=ids[a], now=NOW, rules=RULES)
+    assert won is not None and won.attempt_count == 1 and won.phone.startswith("+1312")
+    assert lost is None
+    await conn.execute("UPDATE customers SET do_not_call = true WHERE id = %s", (b,))
+    assert await cc.claim_attempt(conn, attempt_id=ids[b], now=NOW, rules=RULES) is None
+    await conn.execute("UPDATE customers SET do_not_call = false WHERE id = %s", (b,))
+    night = datetime(2026, 11, 30, 22, 0, tzinfo=CHI)
+    assert await cc.claim_attempt(conn, attempt_id=ids[b], now=night, rules=RULES) is None
+
+
+async def test_no_answer_retries_with_backoff_then_fails(conn, crm: Crm) -> None:
+    a = await crm.customer("a")
+    plan = await cc.plan_calls(conn, campaign="service_due", now=NOW, rules=RULES)
+    attempt_id = (await cc.insert_attempts(conn, planned=plan, now=NOW))[a]
+    backoff = [30, 120]
+    now = NOW
+    for n, expected in ((1, "retry_pending"), (2, "retry_pending"), (3, "failed")):
+        statuses = ("planned", "retry_pending")
+        claimed = await cc.claim_attempt(
+            conn, attempt_id=attempt_id, now=now, rules=RULES, from_statuses=statuses
+        )
+        assert claimed is not None and claimed.attempt_count == n
+        await cc.record_dialed(conn, attempt_id=attempt_id, call_sid=f"CA{n}")
+        row = await cc.apply_call_status(
+            conn,
+            call_sid=f"CA{n}",
+            status="no-answer",
+            answered_by=None,
+            now=now,
+            max_retries=2,
+            backoff_minutes=backoff,
+        )
+        assert row["status"] == expected and row["outcome"] == "no_answer"
+        cur = await conn.execute(
+            "SELECT next_attempt_at FROM campaign_attempts WHERE id = %s", (attempt_id,)
+        )
+        next_at = (await cur.fetchone())[0]
+        if expected == "retry_pending":
+            assert next_at == now + timedelta(minutes=backoff[n - 1])
+            assert await cc.due_retry_ids(conn, now=next_at - timedelta(seconds=1)) == []
+            assert await cc.due_retry_ids(conn, now=next_at) == [attempt_id]
+            now = next_at
+        else:
+            assert next_at is None
+    # A late duplicate callback does not reopen a finished attempt.
+    assert (
+        await cc.apply_call_status(
+            conn,
+            call_sid="CA3",
+            status="busy",
+            answered_by=None,
+            now=now,
+            max_retries=2,
+            backoff_minutes=backoff,
+        )
+        is None
+    )
+
+
+async def test_completed_call_takes_the_bots_outcome_and_opt_out_sets_dnc(conn, crm: Crm) -> None:
+    a = await crm.customer("a")
+    b = await crm.customer("b")
+    plan = await cc.plan_calls(conn, campaign="service_due", now=NOW, rules=RULES)
+    ids = await cc.insert_attempts(conn, planned=plan, now=NOW)
+    for cid, sid in ((a, "CAopt"), (b, "CAvm")):
+        assert await cc.claim_attempt(conn, attempt_id=ids[cid], now=NOW, rules=RULES)
+        await cc.record_dialed(conn, attempt_id=ids[cid], call_sid=sid)
+    await conn.execute(
+        "INSERT INTO calls (call_sid, direction, scenario, outcome) "
+        "VALUES ('CAopt', 'outbound', 'service_due', 'opted_out')"
+    )
+    kwargs = {"now": NOW, "max_retries": 2, "backoff_minutes": [30]}
+    row = await cc.apply_call_status(
+        conn, call_sid="CAopt", status="completed", answered_by="human", **kwargs
+    )
+    assert (row["status"], row["outcome"]) == ("completed", "opted_out")
+    row = await cc.apply_call_status(
+        conn, call_sid="CAvm", status="completed", answered_by="machine_end_beep", **kwargs
+    )
+    assert (row["status"], row["outcome"]) == ("completed", "voicemail")
+    cur = await conn.execute("SELECT do_not_call, call_consent FROM customers WHERE id = %s", (a,))
+    assert await cur.fetchone() == (True, False)
+
+
+async def test_stale_rows_after_a_crash_are_requeued_or_closed(conn, crm: Crm) -> None:
+    a = await crm.customer("a")
+    b = await crm.customer("b")
+    plan = await cc.plan_calls(conn, campaign="service_due", now=NOW, rules=RULES)
+    ids = await cc.insert_attempts(conn, planned=plan, now=NOW)
+    assert await cc.claim_attempt(conn, attempt_id=ids[b], now=NOW, rules=RULES)
+    # Crash: a never claimed, b claimed but no CallSid recorded.
+    later = NOW + timedelta(minutes=20)
+    counts = await cc.close_stale_attempts(
+        conn, now=later, rules=RULES, stale_after=timedelta(minutes=15)
+    )
+    assert counts == {"requeued": 1, "interrupted": 1, "expired": 0}
+    assert await cc.due_retry_ids(conn, now=later) == [ids[a]]
+    cur = await conn.execute("SELECT status FROM campaign_attempts WHERE id = %s", (ids[b],))
+    assert (await cur.fetchone())[0] == "failed"
+    # The next dealership day, a retry that never happened expires.
+    counts = await cc.close_stale_attempts(
+        conn, now=NOW + timedelta(days=1), rules=RULES, stale_after=timedelta(minutes=15)
+    )
+    assert counts["expired"] == 1
+
+
+async def test_scheduled_slot_runs_once(conn) -> None:
+    day = NOW.date()
+    assert await cc.claim_run(conn, campaign="service_due", local_date=day, slot="11:00")
+    assert not await cc.claim_run(conn, campaign="service_due", local_date=day, slot="11:00")
+    assert await cc.claim_run(conn, campaign="service_due", local_date=day, slot="16:00")
