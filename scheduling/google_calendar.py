@@ -60,6 +60,8 @@ T = TypeVar("T")
 
 #: Seconds one Google request may take (socket timeout and asyncio timeout).
 DEFAULT_TIMEOUT_S = 10.0
+#: Seconds a free/busy lookup may take: it runs while a caller waits for times.
+DEFAULT_BUSY_TIMEOUT_S = 3.0
 #: OAuth scope the refresh token must have been granted.
 CALENDAR_SCOPE = "https://www.googleapis.com/auth/calendar"
 #: Google's OAuth 2.0 token endpoint (refresh-token grant).
@@ -226,6 +228,7 @@ class GoogleCalendar:
         profile: DealershipProfile,
         db: AsyncConnectionPool,
         timeout: float = DEFAULT_TIMEOUT_S,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
     ) -> None:
         """Create the backend.
 
@@ -234,11 +237,13 @@ class GoogleCalendar:
             profile: Dealership profile (time zone, service names).
             db: Pool where sync states are recorded.
             timeout: Seconds one Google request may take.
+            busy_timeout: Seconds a free/busy lookup may take (the caller is waiting).
         """
         self._clients = clients if isinstance(clients, ClientPool) else ClientPool(clients)
         self._profile = profile
         self._db = db
         self._timeout = timeout
+        self._busy_timeout = min(busy_timeout, timeout)
         self.busy_failures = 0
         self.sync_failures = 0
         self.last_error: str | None = None
@@ -271,10 +276,10 @@ class GoogleCalendar:
     def _tz_name(self) -> str:
         return self._profile.time_zone.key
 
-    async def _call(self, fn: Callable[[GcsaCalendar], T]) -> T:
+    async def _call(self, fn: Callable[[GcsaCalendar], T], *, limit_s: float | None = None) -> T:
         """Run a blocking gcsa call in a worker thread with this thread's client."""
         return await asyncio.wait_for(
-            asyncio.to_thread(lambda: fn(self._clients.get())), self._timeout
+            asyncio.to_thread(lambda: fn(self._clients.get())), limit_s or self._timeout
         )
 
     def _failed(self, operation: str, exc: BaseException) -> str:
@@ -300,7 +305,8 @@ class GoogleCalendar:
         """
         try:
             free_busy = await self._call(
-                lambda c: c.get_free_busy(time_min=start, time_max=end, timezone=self._tz_name)
+                lambda c: c.get_free_busy(time_min=start, time_max=end, timezone=self._tz_name),
+                limit_s=self._busy_timeout,
             )
             ranges = list(free_busy)
         except Exception as exc:

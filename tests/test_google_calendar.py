@@ -464,3 +464,96 @@ def test_from_settings_requires_all_google_settings(monkeypatch: pytest.MonkeyPa
     settings = Settings(_env_file=None, GOOGLE_CLIENT_ID="client-1")
     with pytest.raises(ValueError, match="incomplete"):
         GoogleCalendar.from_settings(settings, PROFILE, db=None)  # type: ignore[arg-type]
+
+
+# -- through the scheduling tools --------------------------------------------------------
+
+MARIA_PHONE = "+15555550142"
+# Monday 2026-11-30 09:00 local; the first bookable time is 11:00 (2 h lead time).
+NOW = datetime(2026, 11, 30, 9, 0, tzinfo=TZ)
+
+
+async def tool_ctx(pool, redis_client, calendar: GoogleCalendar):
+    from app.call_session import CallSession
+    from tools.customers import identify_caller
+    from tools.registry import ToolContext, run_tool
+
+    session = CallSession(call_sid=f"CA{id(object()):x}", caller_phone=MARIA_PHONE)
+    ctx = ToolContext(
+        session=session,
+        db=pool,
+        redis=redis_client,
+        profile=PROFILE,
+        calendar=calendar,
+        now=lambda: NOW,
+    )
+    assert await identify_caller(ctx)
+    result = await run_tool(ctx, "verify_customer", {"date_of_birth": "1988-02-03"})
+    assert result["verified"] is True, result
+    return ctx
+
+
+async def test_tools_book_and_cancel_mirror_to_google(
+    calendar, fake_api, pool, owner, redis_client
+) -> None:
+    from tools.registry import run_tool
+
+    staff_meeting = (NOW.replace(hour=11), NOW.replace(hour=12))
+    fake_api.busy_blocks[CALENDAR_ID] = [staff_meeting]
+    ctx = await tool_ctx(pool, redis_client, calendar)
+
+    slots = await run_tool(
+        ctx, "check_availability", {"service_type": "oil_change", "date_to": "2026-11-30"}
+    )
+    assert slots["ok"] and slots["slots"]
+    offered = [ctx.session.offered_slots[s["slot_id"]] for s in slots["slots"]]
+    assert all(s.ends_at <= staff_meeting[0] or s.starts_at >= staff_meeting[1] for s in offered)
+
+    booked = await run_tool(
+        ctx,
+        "book_appointment",
+        {
+            "slot_id": slots["slots"][0]["slot_id"],
+            "vehicle_id": owner["vehicle"],
+            "service_type": "oil_change",
+        },
+    )
+    assert booked["ok"], booked
+    [event] = fake_api.live_events(CALENDAR_ID)
+    assert event["summary"].startswith("Oil change - Maria - 2021 Toyota Camry")
+    assert (await sync_row(pool, booked["appointment_id"]))["state"] == "synced"
+
+    cancelled = await run_tool(
+        ctx, "cancel_appointment", {"appointment_id": booked["appointment_id"]}
+    )
+    assert cancelled["ok"], cancelled
+    assert fake_api.live_events(CALENDAR_ID) == []
+
+
+async def test_tools_book_while_google_is_down(
+    calendar, fake_api, pool, owner, redis_client
+) -> None:
+    from tools.registry import run_tool
+
+    fake_api.fail("freeBusy", 500, times=None)
+    fake_api.fail("list", 500, times=None)
+    ctx = await tool_ctx(pool, redis_client, calendar)
+
+    slots = await run_tool(ctx, "check_availability", {"service_type": "oil_change"})
+    assert slots["ok"] and slots["slots"]  # availability does not depend on Google
+    booked = await run_tool(
+        ctx,
+        "book_appointment",
+        {
+            "slot_id": slots["slots"][0]["slot_id"],
+            "vehicle_id": owner["vehicle"],
+            "service_type": "oil_change",
+        },
+    )
+    assert booked["ok"], booked  # the booking stands
+    assert (await sync_row(pool, booked["appointment_id"]))["state"] == "failed"
+    assert calendar.busy_failures == 1 and calendar.sync_failures == 1
+
+    fake_api.clear_failures()
+    assert await sync_pending(pool, calendar, min_age=timedelta(0)) == 1
+    assert len(fake_api.live_events(CALENDAR_ID)) == 1
