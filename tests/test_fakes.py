@@ -10,26 +10,44 @@ import openai
 import pytest
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADState
-from pipecat.frames.frames import LLMContextFrame, LLMTextFrame
+from pipecat.frames.frames import (
+    InputAudioRawFrame,
+    InterimTranscriptionFrame,
+    LLMContextFrame,
+    LLMTextFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSStoppedFrame,
+)
+from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.services.deepgram.stt import DeepgramSTTService
+from pipecat.services.deepgram.tts import DeepgramTTSService
 from pipecat.services.llm_service import FunctionCallParams
 from pipecat.services.openai.llm import OpenAILLMService
-from pipecat.tests.utils import run_test
+from pipecat.tests.utils import SleepFrame, run_test
 from twilio.base.exceptions import TwilioRestException
+from websockets.asyncio.client import connect
 
 from app.settings import Settings
 from bot.twilio import twilio_client
 from tests.fakes.audio import (
+    alaw_to_pcm16,
+    pcm16_to_alaw,
     pcm16_to_ulaw,
     silence_ulaw,
     speech_ulaw,
     ulaw_to_pcm16,
 )
+from tests.fakes.deepgram_stt import FakeDeepgramSTT
+from tests.fakes.deepgram_tts import FakeDeepgramTTS
 from tests.fakes.openai_chat import FakeOpenAI, call_tool, call_tools, fail, say
 from tests.fakes.twilio_rest import FakeTwilioREST
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "fake-token"
+PARAMS_8K = PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000)
 
 
 # --- audio -----------------------------------------------------------------------------
@@ -46,6 +64,7 @@ def test_ulaw_round_trip() -> None:
     err = np.abs(back.astype(int) - pcm.astype(int))
     assert np.all(err <= np.abs(pcm.astype(int)) * 0.07 + 8)
     assert silence_ulaw(0.02) == b"\xff" * 160
+    assert pcm16_to_alaw(alaw_to_pcm16(codes)) == codes
     assert len(speech_ulaw(1.0)) == 8000
 
 
@@ -211,3 +230,134 @@ async def test_twilio_rest_fake_counts_in_flight_creates() -> None:
         sids = await asyncio.gather(*(asyncio.to_thread(create) for _ in range(3)))
         assert len(set(sids)) == 3 and set(fake.created) == set(sids)
         assert fake.max_in_flight == 3 and fake.in_flight == 0
+
+
+# --- Deepgram STT ----------------------------------------------------------------------
+
+
+def _audio_frames(ulaw: bytes) -> list[InputAudioRawFrame]:
+    pcm = ulaw_to_pcm16(ulaw)
+    return [InputAudioRawFrame(pcm[i : i + 320], 8000, 1) for i in range(0, len(pcm), 320)]
+
+
+async def test_deepgram_stt_fake_with_pipecat_service() -> None:
+    """DeepgramSTTService gets one interim and one final per scripted utterance."""
+    async with FakeDeepgramSTT(["Hi, this is Maria", "I need an oil change"], api_key="dg") as fake:
+        stt = DeepgramSTTService(
+            api_key="dg",
+            base_url=fake.url,
+            settings=DeepgramSTTService.Settings(
+                model="nova-3-general", keyterm=["Civic", "oil change"], utterance_end_ms=1000
+            ),
+        )
+        audio = speech_ulaw(0.8) + silence_ulaw(0.5) + speech_ulaw(0.6, seed=3) + silence_ulaw(0.5)
+        down, _ = await run_test(
+            stt,
+            frames_to_send=[*_audio_frames(audio), SleepFrame(sleep=0.2)],
+            pipeline_params=PARAMS_8K,
+        )
+        got = [
+            (type(f).__name__, f.text)
+            for f in down
+            if isinstance(f, TranscriptionFrame | InterimTranscriptionFrame)
+        ]
+        assert got == [
+            ("InterimTranscriptionFrame", "Hi, this"),
+            ("TranscriptionFrame", "Hi, this is Maria"),
+            ("InterimTranscriptionFrame", "I need an"),
+            ("TranscriptionFrame", "I need an oil change"),
+        ]
+        query = fake.last_query
+        assert (query["encoding"], query["sample_rate"], query["model"]) == (
+            "linear16",
+            "8000",
+            "nova-3-general",
+        )
+        assert fake.queries[0]["keyterm"] == ["Civic", "oil change"]
+        assert len(fake.audio) == len(audio) * 2  # linear16
+        assert fake.transcripts_sent == ["Hi, this is Maria", "I need an oil change"]
+        assert len(fake.speech_ended_at) == len(fake.final_sent_at) == 2
+        assert fake.control_messages[-1] == {"type": "CloseStream"}
+
+
+async def test_deepgram_stt_fake_raw_protocol() -> None:
+    """Finalize, SpeechStarted, UtteranceEnd and on-demand interims over a raw socket."""
+    async with FakeDeepgramSTT(["book me in"]) as fake:
+        url = f"{fake.url}/v1/listen?encoding=mulaw&sample_rate=8000&vad_events=true"
+        async with connect(url + "&utterance_end_ms=1000") as ws:
+            await ws.send(speech_ulaw(0.5))
+            started = json.loads(await ws.recv())
+            assert started["type"] == "SpeechStarted"
+            interim = json.loads(await ws.recv())
+            assert (interim["is_final"], interim["channel"]["alternatives"][0]["transcript"]) == (
+                False,
+                "book me",
+            )
+            await ws.send(json.dumps({"type": "Finalize"}))
+            final = json.loads(await ws.recv())
+            assert final["from_finalize"] is True and final["is_final"] is True
+            assert final["channel"]["alternatives"][0]["transcript"] == "book me in"
+            assert [w["word"] for w in final["channel"]["alternatives"][0]["words"]] == [
+                "book",
+                "me",
+                "in",
+            ]
+            await ws.send(silence_ulaw(0.4))
+            assert json.loads(await ws.recv())["type"] == "UtteranceEnd"
+            await ws.send(json.dumps({"type": "Finalize"}))
+            empty = json.loads(await ws.recv())
+            assert empty["channel"]["alternatives"][0]["transcript"] == ""
+            assert await fake.send_interim("wait") == 1
+            assert json.loads(await ws.recv())["channel"]["alternatives"][0]["transcript"] == "wait"
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            assert json.loads(await ws.recv())["type"] == "Metadata"
+        assert fake.finalize_count == 2 and fake.interims_sent == ["book me", "wait"]
+
+
+# --- Deepgram TTS ----------------------------------------------------------------------
+
+
+async def test_deepgram_tts_fake_with_pipecat_service() -> None:
+    """DeepgramTTSService receives audio sized by text length, then Flushed."""
+    async with FakeDeepgramTTS(api_key="dg", first_byte_delay=0.05) as fake:
+        tts = DeepgramTTSService(api_key="dg", base_url=fake.url)
+        down, _ = await run_test(
+            tts,
+            frames_to_send=[TTSSpeakFrame("Hello there, how are you?"), SleepFrame(sleep=0.3)],
+            pipeline_params=PARAMS_8K,
+        )
+        audio = b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame))
+        assert len(audio) == round(fake.audio_secs("Hello there, how are you? ") * 8000) * 2
+        assert any(isinstance(f, TTSStoppedFrame) for f in down)
+        assert fake.texts == ["Hello there, how are you? "]
+        assert fake.last_query == {
+            "model": "aura-2-helena-en",
+            "encoding": "linear16",
+            "sample_rate": "8000",
+        }
+        assert fake.connections == 1 and fake.open_connections == 0
+        assert fake.first_audio_sent_at[0] - fake.flush_received_at[0] >= 0.05
+
+
+async def test_deepgram_tts_fake_clear_and_encodings() -> None:
+    """Clear drops pending audio; mulaw at 8 kHz gives one byte per sample."""
+    async with FakeDeepgramTTS(chunk_delay=0.005) as fake:
+        url = f"{fake.url}/v1/speak?model=aura-2-x&encoding=mulaw&sample_rate=8000"
+        async with connect(url) as ws:
+            assert json.loads(await ws.recv())["type"] == "Metadata"
+            await ws.send(json.dumps({"type": "Speak", "text": "x" * 100}))
+            await ws.send(json.dumps({"type": "Flush"}))
+            assert isinstance(await ws.recv(), bytes)
+            await ws.send(json.dumps({"type": "Clear"}))
+            while isinstance(msg := await ws.recv(), bytes):
+                pass
+            assert json.loads(msg) == {"type": "Cleared", "sequence_id": 0}
+            await ws.send(json.dumps({"type": "Speak", "text": "Hi."}))
+            await ws.send(json.dumps({"type": "Flush"}))
+            audio = b""
+            while isinstance(msg := await ws.recv(), bytes):
+                audio += msg
+            assert json.loads(msg) == {"type": "Flushed", "sequence_id": 0}
+            assert len(audio) == round(fake.audio_secs("Hi.") * 8000)
+            await ws.send(json.dumps({"type": "Close"}))
+        assert fake.clears == 1 and fake.texts == ["x" * 100, "Hi."]

@@ -49,6 +49,76 @@ def ulaw_to_pcm16(ulaw: bytes) -> bytes:
     return np.where(sign != 0, -mag, mag).astype("<i2").tobytes()
 
 
+def pcm16_to_alaw(pcm: bytes) -> bytes:
+    """Encodes little-endian signed 16-bit PCM as G.711 A-law.
+
+    Args:
+        pcm: Little-endian int16 samples.
+
+    Returns:
+        One A-law byte per sample.
+    """
+    x = np.frombuffer(pcm[: len(pcm) - len(pcm) % 2], dtype="<i2").astype(np.int32) >> 3
+    mask = np.where(x >= 0, 0xD5, 0x55)
+    x = np.where(x >= 0, x, -x - 1)
+    seg_ends = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])
+    seg = np.searchsorted(seg_ends, x)
+    shift = np.where(seg < 2, 1, np.maximum(seg, 1))
+    aval = (np.minimum(seg, 7) << 4) | ((x >> shift) & 0x0F)
+    aval = np.where(seg >= 8, 0x7F, aval)
+    return (aval ^ mask).astype(np.uint8).tobytes()
+
+
+def alaw_to_pcm16(alaw: bytes) -> bytes:
+    """Decodes G.711 A-law to little-endian signed 16-bit PCM.
+
+    Args:
+        alaw: A-law bytes.
+
+    Returns:
+        Two bytes (int16 LE) per input byte.
+    """
+    a = np.frombuffer(alaw, dtype=np.uint8).astype(np.int32) ^ 0x55
+    t = (a & 0x0F) << 4
+    seg = (a & 0x70) >> 4
+    t = np.where(seg == 0, t + 8, (t + 0x108) << np.maximum(seg - 1, 0))
+    return np.where(a & 0x80, t, -t).astype("<i2").tobytes()
+
+
+def decode_to_pcm16(audio: bytes, encoding: str) -> bytes:
+    """Decodes Deepgram-style encoded audio to int16 PCM.
+
+    Args:
+        audio: Encoded audio.
+        encoding: "linear16", "mulaw" or "alaw" (anything else is treated as linear16).
+
+    Returns:
+        Little-endian int16 samples.
+    """
+    if encoding == "mulaw":
+        return ulaw_to_pcm16(audio)
+    if encoding == "alaw":
+        return alaw_to_pcm16(audio)
+    return audio
+
+
+def encode_pcm16(pcm: bytes, encoding: str) -> bytes:
+    """Encodes int16 PCM as Deepgram-style audio.
+
+    Args:
+        pcm: Little-endian int16 samples.
+        encoding: "linear16", "mulaw" or "alaw" (anything else is treated as linear16).
+
+    Returns:
+        The encoded audio.
+    """
+    if encoding == "mulaw":
+        return pcm16_to_ulaw(pcm)
+    if encoding == "alaw":
+        return pcm16_to_alaw(pcm)
+    return pcm
+
+
 def pcm16_rms(pcm: bytes) -> float:
     """Root-mean-square level of int16 PCM, in sample units (0..32768).
 
