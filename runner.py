@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -53,11 +54,16 @@ def admin_guard(settings: Settings):
     return require_admin
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, resources: AppResources | None = None
+) -> FastAPI:
     """Build the FastAPI application.
 
     Args:
         settings: Settings to use; read from the environment when omitted.
+        resources: Already open process resources (``python runner.py`` opens them before
+            serving, so a startup failure is one clear message); when omitted the app's
+            lifespan opens them (``uvicorn runner:app``, tests).
 
     Returns:
         The app. Its lifespan opens the database pool and the Redis client.
@@ -67,19 +73,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_resources(settings) as resources:
-            app.state.resources = resources
-            await asyncio.to_thread(load_turn_models)
-            missing = settings.missing_call_settings()
-            if missing:
-                logger.warning(
-                    "Phone calls are disabled until these settings are set: "
-                    + ", ".join(missing)
-                    + " (see .env.example)."
-                )
-            logger.info(
-                f"Serving {resources.profile.name} on http://{settings.host}:{settings.port}"
+        async with contextlib.AsyncExitStack() as stack:
+            app.state.resources = resources or await stack.enter_async_context(
+                open_resources(settings)
             )
+            await _on_started(settings, app.state.resources)
             yield
 
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
@@ -135,21 +133,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _serve(settings: Settings) -> int:
+async def _on_started(settings: Settings, resources: AppResources) -> None:
+    """Load the turn-taking models once and say what is missing for phone calls."""
+    await asyncio.to_thread(load_turn_models)
+    missing = settings.missing_call_settings()
+    if missing:
+        logger.warning(
+            "Phone calls are disabled until these settings are set: "
+            + ", ".join(missing)
+            + " (see .env.example)."
+        )
+    logger.info(f"Serving {resources.profile.name} on http://{settings.host}:{settings.port}")
+
+
+async def _serve_async(settings: Settings) -> None:
     import uvicorn
 
-    try:
-        load_profile(settings.dealership_profile)
-        uvicorn.run(
-            create_app(settings),
+    # Resources first: an unreachable dependency is one clear message, not a traceback
+    # from inside the ASGI lifespan; they are closed (embedded servers stopped) on every
+    # way out, Ctrl-C and SIGTERM included (uvicorn turns both into a graceful exit).
+    async with open_resources(settings) as resources:
+        config = uvicorn.Config(
+            create_app(settings, resources=resources),
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level.lower(),
             ws_max_size=call_routes.MAX_MEDIA_MESSAGE_BYTES,
         )
+        await uvicorn.Server(config).serve()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(settings: Settings) -> int:
+    # uvicorn handles SIGINT/SIGTERM while serving and re-raises the signal after its
+    # graceful shutdown; SIGTERM's default action would then kill the process before the
+    # embedded servers are stopped. Turn it into the same path as Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        load_profile(settings.dealership_profile)
+        asyncio.run(_serve_async(settings))
     except (StartupError, ProfileError) as exc:
         logger.error(str(exc))
         return 1
+    except KeyboardInterrupt:
+        return 0
     return 0
 
 

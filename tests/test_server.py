@@ -1,0 +1,180 @@
+"""The server process: embedded Postgres/Redis lifecycle, /health, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from fastapi import FastAPI
+
+from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.settings import Settings
+from runner import create_app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_processes(data_dir: Path) -> list[psutil.Process]:
+    """postgres / redis-server processes whose command line or cwd points into data_dir."""
+    found = []
+    marker = str(data_dir.resolve())
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            name = proc.info["name"] or ""
+            if ("postgres" in name or "redis" in name or "postgres" in cmd) and marker in cmd:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_embedded_servers_start_and_stop_without_leftovers(tmp_path: Path) -> None:
+    pg = EmbeddedPostgres().start(tmp_path / "pg")
+    rd = EmbeddedRedis().start(tmp_path / "redis")
+    try:
+        import psycopg
+        import redis
+
+        with psycopg.connect(pg.url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert redis.Redis.from_url(rd.url).ping()
+        assert server_processes(tmp_path), "the servers should be visible while running"
+    finally:
+        pg.stop()
+        rd.stop()
+    deadline = time.monotonic() + 10
+    while server_processes(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server_processes(tmp_path) == []
+    pg.stop()  # idempotent
+    rd.stop()
+
+
+def wait_for_health(base: str, proc: subprocess.Popen, timeout: float) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"server exited with {proc.returncode}:\n{out[-3000:]}")
+        try:
+            return httpx.get(f"{base}/health", timeout=2)
+        except httpx.HTTPError as exc:
+            last = exc
+            time.sleep(0.25)
+    raise AssertionError(f"no /health answer in {timeout} s: {last}")
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_runner_starts_on_embedded_servers_and_stops_cleanly(
+    tmp_path: Path, stop_signal: signal.Signals
+) -> None:
+    """`python runner.py` with no DATABASE_URL/REDIS_URL: seeded CRM, /health 200, no orphans."""
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "DATA_DIR": str(tmp_path / "data"),
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": "INFO",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "runner.py")],
+        cwd=tmp_path,  # not the repo: .env there must not leak in; runner finds its files
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        response = wait_for_health(f"http://127.0.0.1:{port}", proc, timeout=90)
+        assert response.status_code == 200, response.text
+        assert response.json()["components"] == {"db": "ok", "redis": "ok"}
+        assert server_processes(tmp_path / "data")
+    finally:
+        proc.send_signal(stop_signal)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            raise
+    assert proc.returncode in (0, -stop_signal), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    # The demo CRM was seeded, and the log names the missing API keys without PII.
+    assert "Seeded the embedded CRM" in out
+    assert "OPENAI_API_KEY" in out
+    assert "+1555555" not in out
+    deadline = time.monotonic() + 10
+    while server_processes(tmp_path / "data") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server_processes(tmp_path / "data") == []
+
+
+async def test_health_is_503_when_redis_goes_down(migrated_db: str, tmp_path: Path) -> None:
+    redis_server = EmbeddedRedis().start(tmp_path / "redis")
+    settings = Settings(_env_file=None, DATABASE_URL=migrated_db, REDIS_URL=redis_server.url)
+    app: FastAPI = create_app(settings)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                ok = await client.get("/health")
+                assert ok.status_code == 200
+                assert ok.json() == {"status": "ok", "components": {"db": "ok", "redis": "ok"}}
+
+                redis_server.stop()
+                down = await client.get("/health")
+                assert down.status_code == 503
+                body = down.json()
+                assert body["status"] == "degraded"
+                assert body["components"]["db"] == "ok"
+                assert body["components"]["redis"].startswith("down")
+
+                redis_server.start(tmp_path / "redis")
+                deadline = time.monotonic() + 10
+                back = await client.get("/health")
+                while back.status_code != 200 and time.monotonic() < deadline:
+                    back = await client.get("/health")
+                assert back.status_code == 200
+    finally:
+        redis_server.stop()
+
+
+def test_startup_names_an_unreachable_database(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nope?connect_timeout=1",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "DATA_DIR": str(tmp_path / "data"),
+        "PORT": str(port),
+    }
+    result = subprocess.run(
+        [sys.executable, str(REPO / "runner.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Postgres is unreachable" in output and "DATABASE_URL" in output
+    assert "Traceback" not in output
