@@ -3,35 +3,50 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import time
 
 import numpy as np
 import openai
 import pytest
+import uvicorn
+from fastapi import FastAPI, WebSocket
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADState
 from pipecat.frames.frames import (
+    Frame,
     InputAudioRawFrame,
+    InputDTMFFrame,
     InterimTranscriptionFrame,
     LLMContextFrame,
     LLMTextFrame,
+    OutputAudioRawFrame,
     TranscriptionFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
     TTSStoppedFrame,
 )
-from pipecat.pipeline.worker import PipelineParams
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.runner.utils import parse_telephony_websocket
+from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.deepgram.tts import DeepgramTTSService
 from pipecat.services.llm_service import FunctionCallParams
 from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.tests.utils import SleepFrame, run_test
+from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
+from pipecat.workers.runner import WorkerRunner
 from twilio.base.exceptions import TwilioRestException
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
 
 from app.settings import Settings
 from bot.twilio import twilio_client
+from tests.fakes._util import wait_until
 from tests.fakes.audio import (
     alaw_to_pcm16,
     pcm16_to_alaw,
@@ -43,6 +58,7 @@ from tests.fakes.audio import (
 from tests.fakes.deepgram_stt import FakeDeepgramSTT
 from tests.fakes.deepgram_tts import FakeDeepgramTTS
 from tests.fakes.openai_chat import FakeOpenAI, call_tool, call_tools, fail, say
+from tests.fakes.twilio_media import TwilioMediaClient
 from tests.fakes.twilio_rest import FakeTwilioREST
 
 ACCOUNT_SID = "AC" + "1" * 32
@@ -361,3 +377,138 @@ async def test_deepgram_tts_fake_clear_and_encodings() -> None:
             assert len(audio) == round(fake.audio_secs("Hi.") * 8000)
             await ws.send(json.dumps({"type": "Close"}))
         assert fake.clears == 1 and fake.texts == ["x" * 100, "Hi."]
+
+
+# --- Twilio media stream client --------------------------------------------------------
+
+
+class _Echo(FrameProcessor):
+    """Plays caller audio straight back, as bot audio."""
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InputAudioRawFrame):
+            await self.push_frame(
+                OutputAudioRawFrame(frame.audio, frame.sample_rate, frame.num_channels)
+            )
+        elif isinstance(frame, InputDTMFFrame):
+            await self.push_interruption_task_frame_and_wait()
+        else:
+            await self.push_frame(frame, direction)
+
+
+async def _serve_pipecat_echo(starts: list[dict]) -> tuple[uvicorn.Server, asyncio.Task, str]:
+    """A FastAPI /twilio/media endpoint running Pipecat's Twilio transport around _Echo."""
+    app = FastAPI()
+
+    @app.websocket("/twilio/media")
+    async def media(websocket: WebSocket) -> None:
+        await websocket.accept()
+        _, call = await parse_telephony_websocket(websocket)
+        starts.append({"stream": call.stream_id, "call": call.call_id, "body": call.body})
+        serializer = TwilioFrameSerializer(
+            stream_sid=call.stream_id,
+            call_sid=call.call_id,
+            params=TwilioFrameSerializer.InputParams(auto_hang_up=False),
+        )
+        transport = FastAPIWebsocketTransport(
+            websocket,
+            FastAPIWebsocketParams(
+                audio_in_enabled=True, audio_out_enabled=True, serializer=serializer
+            ),
+        )
+        worker = PipelineWorker(
+            Pipeline([transport.input(), _Echo(), transport.output()]),
+            params=PARAMS_8K,
+            enable_rtvi=False,
+        )
+
+        @transport.event_handler("on_client_disconnected")
+        async def _gone(*_: object) -> None:
+            await worker.cancel()
+
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(worker)
+        await runner.run()
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started, 5.0)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, f"ws://127.0.0.1:{port}/twilio/media"
+
+
+async def test_twilio_media_client_with_pipecat_twilio_transport() -> None:
+    """Pipecat's Twilio serializer parses the client's start/media; bot audio is recorded."""
+    starts: list[dict] = []
+    server, task, url = await _serve_pipecat_echo(starts)
+    try:
+        client = TwilioMediaClient(url, custom_parameters={"token": "t0k", "customer_id": "42"})
+        async with client:
+            await asyncio.sleep(0.3)
+            assert client.received and not any(m.voiced for m in client.received)  # silence
+            spoke_at = time.monotonic()
+            end = await client.send_audio(speech_ulaw(0.6))
+            assert 0.5 <= end - spoke_at <= 1.5  # paced in real time
+            first = await client.wait_for_bot_audio(min_seconds=0.4, timeout=5, since=spoke_at)
+            assert first == client.first_bot_audio_after(spoke_at)
+            await client.wait_for_bot_silence(silence_secs=0.2, timeout=5)
+            await client.send_dtmf("1")
+            await client.wait_for_clear(since=end, timeout=5)
+        assert starts == [
+            {
+                "stream": client.stream_sid,
+                "call": client.call_sid,
+                "body": {"token": "t0k", "customer_id": "42"},
+            }
+        ]
+        assert client.stream_sid.startswith("MZ") and client.call_sid.startswith("CA")
+        assert client.closed and client.frames_sent >= 40
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_twilio_media_client_protocol_and_marks() -> None:
+    """Message shapes, mark echo after playback, and the server's close code."""
+    got: list[dict] = []
+    waited: list[float] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        for _ in range(4):
+            got.append(json.loads(await ws.recv()))
+        stream = got[1]["streamSid"]
+        speech = base64.b64encode(speech_ulaw(0.2)).decode()
+        await ws.send(
+            json.dumps({"event": "media", "streamSid": stream, "media": {"payload": speech}})
+        )
+        await ws.send(json.dumps({"event": "mark", "streamSid": stream, "mark": {"name": "m1"}}))
+        sent_mark = time.monotonic()
+        while (msg := json.loads(await ws.recv()))["event"] != "mark":
+            pass
+        waited.append(time.monotonic() - sent_mark)
+        got.append(msg)
+        await ws.close(4000, "bye")
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        client = TwilioMediaClient(f"ws://127.0.0.1:{port}", custom_parameters={"a": "b"})
+        await client.connect()
+        assert await client.wait_closed(timeout=5) == 4000
+        await client.close()
+    connected, start, media1, media2, echoed = got
+    assert connected == {"event": "connected", "protocol": "Call", "version": "1.0.0"}
+    assert start["start"]["mediaFormat"] == {
+        "encoding": "audio/x-mulaw",
+        "sampleRate": 8000,
+        "channels": 1,
+    }
+    assert start["start"]["customParameters"] == {"a": "b"}
+    assert (media1["media"]["chunk"], media2["media"]["chunk"]) == ("1", "2")
+    assert (media1["media"]["timestamp"], media2["media"]["timestamp"]) == ("0", "20")
+    assert len(base64.b64decode(media1["media"]["payload"])) == 160
+    assert int(media2["sequenceNumber"]) == int(media1["sequenceNumber"]) + 1
+    assert echoed["mark"] == {"name": "m1"} and client.marks_echoed == ["m1"]
+    assert waited[0] >= 0.15  # echoed once the 0.2 s of audio before it had played
+    assert client.marks[0][0] == "m1" and client.bot_audio_secs() == pytest.approx(0.2)
+    assert client.close_reason == "bye"
