@@ -14,7 +14,8 @@ import hmac
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
@@ -78,6 +79,8 @@ def create_app(
                 open_resources(settings)
             )
             await _on_started(settings, app.state.resources)
+            if settings.google_calendar_enabled:
+                stack.enter_context(_background(_calendar_catch_up(app.state.resources)))
             yield
 
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
@@ -144,6 +147,24 @@ async def _on_started(settings: Settings, resources: AppResources) -> None:
             + " (see .env.example)."
         )
     logger.info(f"Serving {resources.profile.name} on http://{settings.host}:{settings.port}")
+
+
+@contextlib.contextmanager
+def _background(coro: Any) -> Iterator[asyncio.Task]:
+    """Run ``coro`` as a task for the duration of the block, cancelled on exit."""
+    task = asyncio.create_task(coro)
+    try:
+        yield task
+    finally:
+        task.cancel()
+
+
+async def _calendar_catch_up(resources: AppResources) -> None:
+    """Re-sync appointments whose Google Calendar mirror is pending or failed, every minute."""
+    from scheduling.google_calendar import GoogleCalendar, sync_forever
+
+    calendar = GoogleCalendar.from_settings(resources.settings, resources.profile, resources.db)
+    await sync_forever(resources.db, calendar, interval_s=60.0)
 
 
 async def _serve_async(settings: Settings) -> None:

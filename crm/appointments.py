@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import datetime
 
 from psycopg import AsyncConnection, errors
 from psycopg.rows import class_row
@@ -118,14 +118,17 @@ async def upcoming_for_customer(
         return await cur.fetchall()
 
 
-async def _reserve_loaner(conn: AsyncConnection, day: date, loaner_cars: int) -> None:
+async def _reserve_loaner(conn: AsyncConnection, starts_at: datetime, loaner_cars: int) -> None:
+    """Lock the loaner fleet for the appointment's LOCAL day and check one car is left."""
+    zone = getattr(starts_at.tzinfo, "key", "UTC")
+    day = starts_at.date()
     await conn.execute(
         "SELECT pg_advisory_xact_lock(hashtext('loaner:' || %(day)s::text))", {"day": day}
     )
     cur = await conn.execute(
         "SELECT count(*) FROM appointments WHERE loaner_reserved AND status = ANY(%(active)s) "
-        "AND starts_at::date = %(day)s",
-        {"day": day, "active": list(ACTIVE_STATUSES)},
+        "AND (starts_at AT TIME ZONE %(zone)s)::date = %(day)s",
+        {"day": day, "zone": zone, "active": list(ACTIVE_STATUSES)},
     )
     row = await cur.fetchone()
     if row and row[0] >= loaner_cars:
@@ -185,7 +188,7 @@ async def insert_appointment(
             return existing
         loaner = transportation == "loaner"
         if loaner:
-            await _reserve_loaner(conn, starts_at.date(), loaner_cars)
+            await _reserve_loaner(conn, starts_at, loaner_cars)
         for _attempt in range(5):
             try:
                 async with conn.transaction():
@@ -252,7 +255,9 @@ async def cancel_appointment(
         await cur.execute(
             f"""
             UPDATE appointments SET status = 'cancelled', cancelled_at = now(),
-                   cancel_reason = %(reason)s
+                   cancel_reason = %(reason)s,
+                   calendar_sync_state = CASE WHEN calendar_sync_state = 'not_required'
+                                              THEN 'not_required' ELSE 'pending' END
             WHERE id = %(id)s AND customer_id = %(customer_id)s
               AND status = ANY(%(cancellable)s)
             RETURNING {_COLUMNS}
