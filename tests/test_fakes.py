@@ -15,6 +15,7 @@ from fastapi import FastAPI, WebSocket
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADState
 from pipecat.frames.frames import (
+    EndFrame,
     Frame,
     InputAudioRawFrame,
     InputDTMFFrame,
@@ -246,6 +247,24 @@ async def test_twilio_rest_fake_counts_in_flight_creates() -> None:
         sids = await asyncio.gather(*(asyncio.to_thread(create) for _ in range(3)))
         assert len(set(sids)) == 3 and set(fake.created) == set(sids)
         assert fake.max_in_flight == 3 and fake.in_flight == 0
+
+
+async def test_twilio_rest_fake_takes_pipecat_serializer_hang_up() -> None:
+    """TwilioFrameSerializer(base_url=fake.base_url) hangs up through the fake on EndFrame."""
+    async with FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as fake:
+        call_sid = "CA" + "2" * 32
+        serializer = TwilioFrameSerializer(
+            "MZ" + "3" * 32,
+            call_sid=call_sid,
+            account_sid=ACCOUNT_SID,
+            auth_token=AUTH_TOKEN,
+            base_url=fake.base_url,
+        )
+        await serializer.serialize(EndFrame())
+        assert fake.requests_to("POST", f"/Calls/{call_sid}.json")[0].form == {
+            "Status": "completed"
+        }
+        assert fake.calls[call_sid]["status"] == "completed"
 
 
 # --- Deepgram STT ----------------------------------------------------------------------
