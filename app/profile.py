@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import date, time
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
@@ -70,6 +71,57 @@ class Service:
 
 
 @dataclass(frozen=True)
+class ScheduleSlot:
+    """When a campaign runs: on some weekdays (0 = Monday), at a dealership-local time."""
+
+    weekdays: frozenset[int]
+    at: time
+    label: str
+
+    def due_on(self, day: date) -> bool:
+        """Whether the slot runs on ``day``."""
+        return day.weekday() in self.weekdays
+
+
+#: Schedule keys of the profile's ``[schedule]`` table -> campaign names.
+SCHEDULE_CAMPAIGNS = {"confirmations": "confirmation", "service_due": "service_due"}
+_SCHEDULE_DAYS = {
+    "daily": frozenset(range(7)),
+    "weekdays": frozenset(range(5)),
+    "weekends": frozenset({5, 6}),
+    **{name[:3]: frozenset({i}) for i, name in enumerate(WEEKDAYS)},
+}
+_SLOT_RE = re.compile(r"^([a-z,]+)\s+([01]\d|2[0-3]):([0-5]\d)$")
+
+
+@dataclass(frozen=True)
+class CampaignSettings:
+    """Outbound campaign settings (``[campaigns]`` and ``[schedule]``).
+
+    Attributes:
+        slots: Campaign name (``service_due``, ``confirmation``) -> when it runs.
+        max_retries: Redials after no-answer, busy or a failed dial request.
+        retry_backoff_minutes: Wait before retry n (the last value repeats).
+        calls_per_second: Most new calls started per second.
+        max_concurrent: Most calls in flight at once.
+        max_call_minutes: After this long a call no longer counts as in flight.
+        due_within_days: Service-due look-ahead for the due date.
+        recent_attempt_days: A customer attempted this recently is not called again.
+        default_miles_per_day: Mileage rate when a vehicle's history gives none.
+    """
+
+    slots: dict[str, tuple[ScheduleSlot, ...]] = field(default_factory=dict)
+    max_retries: int = 2
+    retry_backoff_minutes: tuple[int, ...] = (30, 120)
+    calls_per_second: float = 1.0
+    max_concurrent: int = 4
+    max_call_minutes: int = 15
+    due_within_days: int = 7
+    recent_attempt_days: int = 14
+    default_miles_per_day: float = 35.0
+
+
+@dataclass(frozen=True)
 class DealershipProfile:
     """Validated dealership profile."""
 
@@ -91,6 +143,7 @@ class DealershipProfile:
     recording_enabled: bool = False
     schedule: dict[str, tuple[str, ...]] = field(default_factory=dict)
     keyterms: tuple[str, ...] = ()
+    campaigns: CampaignSettings = field(default_factory=CampaignSettings)
 
     def speech_keyterms(self) -> list[str]:
         """Words the speech recognizer should favour: name, makes, models, services."""
@@ -140,6 +193,76 @@ def _phone(data: dict, key: str) -> str:
     if not _E164_RE.match(value):
         raise ProfileError(f"{key}: expected an E.164 number like +15555550100")
     return value
+
+
+def _parse_slot(value: object, where: str) -> ScheduleSlot:
+    text = value.strip().lower() if isinstance(value, str) else ""
+    match = _SLOT_RE.match(text)
+    days: set[int] = set()
+    for part in match.group(1).split(",") if match else []:
+        if part not in _SCHEDULE_DAYS:
+            match = None
+            break
+        days |= _SCHEDULE_DAYS[part]
+    if not match:
+        raise ProfileError(
+            f"{where}: expected e.g. 'daily 10:00', 'weekdays 16:00' or 'mon,thu 11:30', "
+            f"got {value!r}"
+        )
+    return ScheduleSlot(frozenset(days), time(int(match.group(2)), int(match.group(3))), text)
+
+
+def _number(
+    data: dict, key: str, kind: type, default: float, low: float, high: float, where: str
+) -> Any:
+    value = data.get(key, default)
+    ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok_type or not low <= value <= high:
+        raise ProfileError(f"{where}{key}: expected a number from {low} to {high}, got {value!r}")
+    return kind(value)
+
+
+def _parse_campaigns(data: dict) -> CampaignSettings:
+    schedule = data.get("schedule", {})
+    if not isinstance(schedule, dict):
+        raise ProfileError("schedule: expected a table")
+    slots: dict[str, tuple[ScheduleSlot, ...]] = {}
+    for key, campaign in SCHEDULE_CAMPAIGNS.items():
+        raw = schedule.get(key, [])
+        raw = raw if isinstance(raw, list) else [raw]
+        parsed = tuple(_parse_slot(v, f"schedule.{key}[{i}]") for i, v in enumerate(raw))
+        labels = [slot.label for slot in parsed]
+        if len(set(labels)) != len(labels):
+            raise ProfileError(f"schedule.{key}: duplicate slot")
+        slots[campaign] = parsed
+    section = data.get("campaigns", {})
+    if not isinstance(section, dict):
+        raise ProfileError("campaigns: expected a table")
+    where = "campaigns."
+    backoff = section.get("retry_backoff_minutes", [30, 120])
+    if (
+        not isinstance(backoff, list)
+        or not backoff
+        or not all(
+            isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= 24 * 60 for m in backoff
+        )
+    ):
+        raise ProfileError(
+            f"{where}retry_backoff_minutes: expected a list of minutes (1-1440), got {backoff!r}"
+        )
+    return CampaignSettings(
+        slots=slots,
+        max_retries=_number(section, "max_retries", int, 2, 0, 10, where),
+        retry_backoff_minutes=tuple(backoff),
+        calls_per_second=_number(section, "calls_per_second", float, 1.0, 0.01, 100, where),
+        max_concurrent=_number(section, "max_concurrent", int, 4, 1, 500, where),
+        max_call_minutes=_number(section, "max_call_minutes", int, 15, 1, 240, where),
+        due_within_days=_number(section, "due_within_days", int, 7, 0, 90, where),
+        recent_attempt_days=_number(section, "recent_attempt_days", int, 14, 0, 365, where),
+        default_miles_per_day=_number(
+            section, "default_miles_per_day", float, 35.0, 1, 1000, where
+        ),
+    )
 
 
 def parse_profile(data: dict) -> DealershipProfile:
@@ -276,6 +399,7 @@ def parse_profile(data: dict) -> DealershipProfile:
         recording_enabled=bool(data.get("recording_enabled", False)),
         schedule=schedule,
         keyterms=tuple(str(t) for t in data.get("keyterms", [])),
+        campaigns=_parse_campaigns(data),
     )
 
 

@@ -508,16 +508,92 @@ async def record_dial_error(
 async def defer_attempt(
     conn: AsyncConnection, *, attempt_id: int, until: datetime, reason: str
 ) -> bool:
-    """A planned row could not be dialed now (window closed meanwhile): retry it later."""
+    """An attempt could not be claimed now (window closed, flags changed): look again later.
+
+    Only a ``planned`` or ``retry_pending`` row moves (to ``retry_pending`` at ``until``);
+    one another process claimed meanwhile is left alone.
+    """
     cur = await conn.execute(
         """
         UPDATE campaign_attempts
         SET status = 'retry_pending', next_attempt_at = %(until)s, last_error = %(reason)s
-        WHERE id = %(id)s AND status = 'planned'
+        WHERE id = %(id)s AND status IN ('planned', 'retry_pending')
         """,
         {"id": attempt_id, "until": until, "reason": reason},
     )
     return bool(cur.rowcount)
+
+
+async def unfinished_calls(conn: AsyncConnection, *, dialed_before: datetime) -> list[dict]:
+    """Attempts still ``dialing``/``in_progress`` with a CallSid, dialed before a cutoff.
+
+    Each row has the last final Twilio status recorded for the call (if any), so a
+    status callback that arrived before the CallSid was stored can be replayed.
+
+    Returns:
+        ``{"id", "call_sid", "final_status", "answered_by"}`` rows.
+    """
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            """
+            SELECT a.id, a.call_sid, ev.call_status AS final_status,
+                   ev.payload ->> 'AnsweredBy' AS answered_by
+            FROM campaign_attempts a
+            LEFT JOIN LATERAL (
+                SELECT e.call_status, e.payload FROM call_status_events e
+                WHERE e.call_sid = a.call_sid
+                  AND e.call_status IN ('completed', 'busy', 'no-answer', 'failed', 'canceled')
+                ORDER BY e.sequence_number DESC, e.received_at DESC
+                LIMIT 1
+            ) ev ON true
+            WHERE a.status IN ('dialing', 'in_progress') AND a.call_sid IS NOT NULL
+              AND a.dialed_at < %(before)s
+            ORDER BY a.id
+            """,
+            {"before": dialed_before},
+        )
+        return await cur.fetchall()
+
+
+async def final_status_event(conn: AsyncConnection, *, call_sid: str) -> dict | None:
+    """The last final Twilio status recorded for a call (``{"status", "answered_by"}``)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            """
+            SELECT call_status AS status, payload ->> 'AnsweredBy' AS answered_by
+            FROM call_status_events
+            WHERE call_sid = %(sid)s
+              AND call_status IN ('completed', 'busy', 'no-answer', 'failed', 'canceled')
+            ORDER BY sequence_number DESC, received_at DESC
+            LIMIT 1
+            """,
+            {"sid": call_sid},
+        )
+        return await cur.fetchone()
+
+
+async def fail_attempt(
+    conn: AsyncConnection, *, attempt_id: int, now: datetime, error: str
+) -> None:
+    """Give up on an open attempt (e.g. Twilio never reported how its call ended)."""
+    await conn.execute(
+        """
+        UPDATE campaign_attempts
+        SET status = 'failed', outcome = COALESCE(outcome, 'failed'), finished_at = %(now)s,
+            last_error = %(error)s
+        WHERE id = %(id)s AND status IN ('dialing', 'in_progress')
+        """,
+        {"id": attempt_id, "now": now, "error": error},
+    )
+
+
+async def attempt_status(conn: AsyncConnection, attempt_id: int) -> str | None:
+    """The current status of an attempt row."""
+    cur = await conn.execute(
+        "SELECT status FROM campaign_attempts WHERE id = %(id)s", {"id": attempt_id}
+    )
+    row = await cur.fetchone()
+    return row[0] if row else None
 
 
 # Outcome of the ``calls`` row (set by the bot) -> attempt outcome.
@@ -628,7 +704,7 @@ async def set_attempt_outcome(conn: AsyncConnection, *, call_sid: str, outcome: 
     return row
 
 
-async def sync_outcomes_from_calls(conn: AsyncConnection) -> int:
+async def sync_outcomes_from_calls(conn: AsyncConnection, *, now: datetime) -> int:
     """Copy outcomes the bot wrote on ``calls`` after the ``completed`` callback arrived.
 
     Returns:
@@ -640,9 +716,11 @@ async def sync_outcomes_from_calls(conn: AsyncConnection) -> int:
             UPDATE campaign_attempts a SET outcome = {_CALL_OUTCOME}
             FROM calls cl
             WHERE cl.call_sid = a.call_sid AND a.status = 'completed' AND a.outcome IS NULL
+              AND a.finished_at > %(now)s::timestamptz - interval '2 days'
               AND {_CALL_OUTCOME} IS NOT NULL
             RETURNING a.customer_id, a.outcome
-            """
+            """,
+            {"now": now},
         )
         rows = await cur.fetchall()
     for row in rows:

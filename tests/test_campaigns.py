@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import io
 import itertools
+import json
+import time as time_mod
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
+from app import campaigns as app_campaigns
+from app.profile import DealershipProfile, ProfileError, load_profile, parse_profile
+from app.settings import DEFAULT_PROFILE, Settings
+from app.worker import due_slots, run_worker
+from crm import calls as crm_calls
 from crm import campaigns as cc
 from crm.vin import make_vin
 
@@ -485,3 +499,510 @@ async def test_scheduled_slot_runs_once(conn) -> None:
     assert await cc.claim_run(conn, campaign="service_due", local_date=day, slot="11:00")
     assert not await cc.claim_run(conn, campaign="service_due", local_date=day, slot="11:00")
     assert await cc.claim_run(conn, campaign="service_due", local_date=day, slot="16:00")
+
+
+# --- running campaigns (app.campaigns, app.worker) -------------------------------------
+
+
+def make_profile(**campaign_settings) -> DealershipProfile:
+    base = load_profile(DEFAULT_PROFILE)
+    settings = {"calls_per_second": 1000.0, "max_concurrent": 3, **campaign_settings}
+    return dataclasses.replace(base, campaigns=dataclasses.replace(base.campaigns, **settings))
+
+
+class FakeDial:
+    """Stands in for ``place_outbound_call``: counts calls in flight, returns CallSids."""
+
+    def __init__(self, *, delay: float = 0.02, name: str = "dial") -> None:
+        self.delay = delay
+        self.name = name
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.calls: list[dict] = []
+        self.started = asyncio.Event()
+        self.block: asyncio.Event | None = None
+        self.fail_numbers: set[str] = set()
+
+    async def __call__(self, settings, *, to, scenario, customer_id, campaign_attempt_id=None):
+        self.in_flight += 1
+        number = len(self.calls) + 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.calls.append(
+            {
+                "to": to,
+                "scenario": scenario,
+                "customer_id": customer_id,
+                "attempt_id": campaign_attempt_id,
+                "by": self.name,
+            }
+        )
+        self.started.set()
+        try:
+            if self.block is not None:
+                await self.block.wait()
+            await asyncio.sleep(self.delay)
+            if to in self.fail_numbers:
+                raise ConnectionError("twilio unreachable")
+            return f"CA{self.name}{number}"
+        finally:
+            self.in_flight -= 1
+
+    async def wait_for_calls(self, count: int) -> None:
+        while len(self.calls) < count:
+            self.started.clear()
+            await self.started.wait()
+
+    def customers(self) -> list[int]:
+        return [c["customer_id"] for c in self.calls]
+
+
+@pytest.fixture
+async def pool(migrated_db: str):
+    async with AsyncConnectionPool(migrated_db, min_size=1, max_size=20, open=False) as pool:
+        yield pool
+
+
+async def attempts(conn) -> dict[int, dict]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute("SELECT * FROM campaign_attempts ORDER BY id")
+        return {row["customer_id"]: row for row in await cur.fetchall()}
+
+
+async def test_run_campaign_caps_calls_in_flight(pool, conn, crm: Crm) -> None:
+    ids = {await crm.customer(f"c{i}") for i in range(12)}
+    dial = FakeDial(delay=0.05)
+    result = await app_campaigns.run_campaign(
+        pool,
+        profile=make_profile(),
+        settings=None,
+        campaign="service_due",
+        now=NOW,
+        dial=dial,
+        hold_calls=False,
+    )
+    assert result.summary()["dialed"] == 12
+    assert sorted(dial.customers()) == sorted(ids)
+    assert dial.max_in_flight == 3
+    rows = await attempts(conn)
+    assert {r["status"] for r in rows.values()} == {"dialing"}
+    assert all(r["call_sid"] and r["attempt_count"] == 1 for r in rows.values())
+
+
+async def test_max_concurrent_override_and_rate_limit(pool, crm: Crm) -> None:
+    for i in range(6):
+        await crm.customer(f"c{i}")
+    dial = FakeDial(delay=0.0)
+    started = time_mod.monotonic()
+    await app_campaigns.run_campaign(
+        pool,
+        profile=make_profile(calls_per_second=20.0),
+        settings=None,
+        campaign="service_due",
+        now=NOW,
+        dial=dial,
+        max_concurrent=1,
+        hold_calls=False,
+    )
+    assert dial.max_in_flight == 1 and len(dial.calls) == 6
+    assert time_mod.monotonic() - started >= 5 / 20 - 0.01
+
+
+async def test_held_calls_keep_their_slot_until_the_call_ends(pool, crm: Crm) -> None:
+    for i in range(4):
+        await crm.customer(f"c{i}")
+    dial = FakeDial(delay=0.0)
+    profile = make_profile(max_concurrent=2)
+    live: set[str] = set()
+    peak = 0
+
+    async def hang_up_later(settings, **kwargs) -> str:
+        nonlocal peak
+        sid = await dial(settings, **kwargs)
+        live.add(sid)
+        peak = max(peak, len(live))
+
+        async def completed() -> None:
+            await asyncio.sleep(0.1)
+            live.discard(sid)
+            await app_campaigns.record_call_status(
+                pool, call_sid=sid, status="completed", answered_by="human", now=NOW
+            )
+
+        asyncio.get_running_loop().create_task(completed())
+        return sid
+
+    dialer = app_campaigns.Dialer(
+        pool, profile=profile, settings=None, dial=hang_up_later, poll_seconds=0.02, now=NOW
+    )
+    result = await app_campaigns.run_campaign(
+        pool, profile=profile, settings=None, campaign="service_due", now=NOW, dialer=dialer
+    )
+    assert result.stats.dialed == 4
+    assert peak == 2
+
+
+async def test_crash_and_rerun_never_dials_anyone_twice(pool, conn, crm: Crm) -> None:
+    for i in range(5):
+        await crm.customer(f"c{i}")
+    profile = make_profile(max_concurrent=1)
+    dial = FakeDial(delay=0.0)
+    dial.block = asyncio.Event()
+    run = asyncio.create_task(
+        app_campaigns.run_campaign(
+            pool,
+            profile=profile,
+            settings=None,
+            campaign="service_due",
+            now=NOW,
+            dial=dial,
+            hold_calls=False,
+        )
+    )
+    await asyncio.wait_for(dial.started.wait(), 5)
+    run.cancel()  # the process dies while the first dial request is in the air
+    with contextlib.suppress(asyncio.CancelledError):
+        await run
+    assert len(dial.calls) == 1
+    statuses = sorted(r["status"] for r in (await attempts(conn)).values())
+    assert statuses == ["dialing", "planned", "planned", "planned", "planned"]
+
+    # Restart at once: the same day's rows exist, nobody is planned or dialed again.
+    rerun = await app_campaigns.run_campaign(
+        pool,
+        profile=profile,
+        settings=None,
+        campaign="service_due",
+        now=NOW + timedelta(minutes=1),
+        dial=dial,
+        hold_calls=False,
+    )
+    assert (rerun.planned, rerun.stats.dialed, len(dial.calls)) == (0, 0, 1)
+
+    # Later the worker's housekeeping requeues the never-dialed rows; the interrupted one
+    # (it may have reached Twilio) is closed and never redialed.
+    later = NOW + timedelta(minutes=20)
+    counts = await app_campaigns.housekeeping(pool, profile=profile, now=later)
+    assert (counts["requeued"], counts["interrupted"]) == (4, 1)
+    dial.block = None
+    dialer = app_campaigns.Dialer(
+        pool, profile=profile, settings=None, dial=dial, hold_calls=False, clock=lambda: later
+    )
+    assert (await app_campaigns.run_due_retries(dialer)).dialed == 4
+    assert (await app_campaigns.run_due_retries(dialer)).dialed == 0
+    assert len(dial.customers()) == len(set(dial.customers())) == 5
+
+
+async def test_no_answer_is_retried_after_the_backoff(pool, conn, crm: Crm) -> None:
+    a = await crm.customer("a")
+    profile = make_profile(max_retries=1, retry_backoff_minutes=(30,))
+    dial = FakeDial(delay=0.0)
+    await app_campaigns.run_campaign(
+        pool,
+        profile=profile,
+        settings=None,
+        campaign="service_due",
+        now=NOW,
+        dial=dial,
+        hold_calls=False,
+    )
+    first_sid = (await attempts(conn))[a]["call_sid"]
+    row = await app_campaigns.record_call_status(
+        pool,
+        call_sid=first_sid,
+        status="no-answer",
+        campaign_settings=profile.campaigns,
+        now=NOW,
+    )
+    assert row["status"] == "retry_pending"
+
+    def dialer_at(when: datetime) -> app_campaigns.Dialer:
+        return app_campaigns.Dialer(
+            pool,
+            profile=profile,
+            settings=None,
+            dial=dial,
+            hold_calls=False,
+            clock=lambda: when,
+        )
+
+    assert (await app_campaigns.run_due_retries(dialer_at(NOW + timedelta(minutes=29)))).dialed == 0
+    assert (await app_campaigns.run_due_retries(dialer_at(NOW + timedelta(minutes=30)))).dialed == 1
+    second = (await attempts(conn))[a]
+    assert second["attempt_count"] == 2 and second["call_sid"] != first_sid
+    # The first call's late callback changes nothing; the retry's busy exhausts retries.
+    assert (
+        await app_campaigns.record_call_status(pool, call_sid=first_sid, status="busy", now=NOW)
+        is None
+    )
+    row = await app_campaigns.record_call_status(
+        pool,
+        call_sid=second["call_sid"],
+        status="busy",
+        campaign_settings=profile.campaigns,
+        now=NOW + timedelta(minutes=31),
+    )
+    assert (row["status"], row["outcome"]) == ("failed", "busy")
+    assert dial.customers() == [a, a]
+
+
+async def test_failed_dial_request_is_retried(pool, conn, crm: Crm) -> None:
+    a = await crm.customer("a")
+    profile = make_profile(max_retries=1, retry_backoff_minutes=(10,))
+    dial = FakeDial(delay=0.0)
+    phone = (
+        await (await conn.execute("SELECT phone FROM customers WHERE id = %s", (a,))).fetchone()
+    )[0]
+    dial.fail_numbers.add(phone)
+    result = await app_campaigns.run_campaign(
+        pool,
+        profile=profile,
+        settings=None,
+        campaign="service_due",
+        now=NOW,
+        dial=dial,
+        hold_calls=False,
+    )
+    assert result.stats.failed == 1
+    row = (await attempts(conn))[a]
+    assert row["status"] == "retry_pending" and "ConnectionError" in row["last_error"]
+    assert NOW + timedelta(minutes=10) <= row["next_attempt_at"] < NOW + timedelta(minutes=11)
+
+
+async def test_opted_out_on_a_campaign_call_sets_do_not_call(pool, conn, crm: Crm) -> None:
+    a = await crm.customer("a")
+    b = await crm.customer("b")
+    profile = make_profile()
+    dial = FakeDial(delay=0.0)
+    await app_campaigns.run_campaign(
+        pool,
+        profile=profile,
+        settings=None,
+        campaign="service_due",
+        now=NOW,
+        dial=dial,
+        hold_calls=False,
+    )
+    rows = await attempts(conn)
+    # a: the bot's opt_out tool ran; the bot's calls row says so when the call completes.
+    await crm_calls.start_call(
+        conn, call_sid=rows[a]["call_sid"], direction="outbound", scenario="service_due"
+    )
+    await conn.execute(
+        "UPDATE calls SET outcome = 'opted_out' WHERE call_sid = %s", (rows[a]["call_sid"],)
+    )
+    row = await app_campaigns.record_call_status(
+        pool, call_sid=rows[a]["call_sid"], status="completed", answered_by="human", now=NOW
+    )
+    assert row["outcome"] == "opted_out"
+    # b: the bot reports its outcome before the status callback (record_call_outcome).
+    await app_campaigns.record_call_outcome(pool, call_sid=rows[b]["call_sid"], outcome="opted_out")
+    row = await app_campaigns.record_call_status(
+        pool, call_sid=rows[b]["call_sid"], status="completed", now=NOW
+    )
+    assert (row["status"], row["outcome"]) == ("completed", "opted_out")
+    cur = await conn.execute(
+        "SELECT id, do_not_call, call_consent FROM customers WHERE id = ANY(%s) ORDER BY id",
+        ([a, b],),
+    )
+    assert await cur.fetchall() == [(a, True, False), (b, True, False)]
+    # Three weeks on, both would be due again: neither is planned.
+    assert await planned_ids(conn, now=NOW + timedelta(days=21)) == set()
+
+
+async def test_late_bot_outcome_is_copied_by_housekeeping(pool, conn, crm: Crm) -> None:
+    a = await crm.customer("a")
+    profile = make_profile()
+    await app_campaigns.run_campaign(
+        pool,
+        profile=profile,
+        settings=None,
+        campaign="service_due",
+        now=NOW,
+        dial=FakeDial(delay=0.0),
+        hold_calls=False,
+    )
+    sid = (await attempts(conn))[a]["call_sid"]
+    await app_campaigns.record_call_status(pool, call_sid=sid, status="completed", now=NOW)
+    assert (await attempts(conn))[a]["outcome"] is None
+    await crm_calls.start_call(conn, call_sid=sid, direction="outbound", scenario="service_due")
+    await conn.execute("UPDATE calls SET outcome = 'booked' WHERE call_sid = %s", (sid,))
+    counts = await app_campaigns.housekeeping(pool, profile=profile, now=NOW)
+    assert counts["outcomes"] == 1
+    assert (await attempts(conn))[a]["outcome"] == "booked"
+
+
+async def test_two_workers_one_dialer(pool, conn, crm: Crm, migrated_db: str) -> None:
+    ids = {await crm.customer(f"c{i}") for i in range(6)}
+    await crm.vehicle("c0")
+    await crm.appointment("c0", starts_at=datetime(2026, 12, 1, 9, 0, tzinfo=CHI))
+    profile = make_profile()
+    # Monday 11:05: the 10:00 confirmations and 11:00 service-due slots are both due.
+    clock_now = datetime(2026, 11, 30, 11, 5, tzinfo=CHI)
+    dials = [FakeDial(delay=0.01, name="w1"), FakeDial(delay=0.01, name="w2")]
+    stops = [asyncio.Event(), asyncio.Event()]
+    workers = [
+        asyncio.create_task(
+            run_worker(
+                pool,
+                conninfo=migrated_db,
+                profile=profile,
+                settings=None,
+                dial=dials[i],
+                stop=stops[i],
+                poll_seconds=0.05,
+                clock=lambda: clock_now,
+                hold_calls=False,
+            )
+        )
+        for i in range(2)
+    ]
+    reached = [asyncio.create_task(d.wait_for_calls(6)) for d in dials]
+    await asyncio.wait(reached, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    for task in reached:
+        task.cancel()
+    await asyncio.sleep(0.3)
+    holder = 0 if dials[0].calls else 1
+    assert dials[1 - holder].calls == []
+    # c0 is called once, for its confirmation: service-due skips its upcoming visit.
+    assert sorted(dials[holder].customers()) == sorted(ids)
+    scenarios = {c["customer_id"]: c["scenario"] for c in dials[holder].calls}
+    assert scenarios[crm.ids["c0"]] == "confirmation"
+    # The holder stops; the other takes the lock over but finds nothing left to run.
+    stops[holder].set()
+    first = await asyncio.wait_for(workers[holder], 10)
+    await asyncio.sleep(0.3)
+    stops[1 - holder].set()
+    second = await asyncio.wait_for(workers[1 - holder], 10)
+    assert first.held_lock and second.held_lock
+    assert first.runs and second.runs == []
+    assert dials[1 - holder].calls == []
+    cur = await conn.execute("SELECT campaign, slot FROM campaign_runs ORDER BY 1, 2")
+    assert await cur.fetchall() == [
+        ("confirmation", "daily 10:00"),
+        ("service_due", "weekdays 11:00"),
+    ]
+
+
+async def test_worker_stop_finishes_dials_in_flight_and_starts_no_more(
+    pool, conn, crm: Crm, migrated_db: str
+) -> None:
+    for i in range(8):
+        await crm.customer(f"c{i}")
+    profile = make_profile(max_concurrent=2)
+    dial = FakeDial(delay=0.3)
+    stop = asyncio.Event()
+    clock_now = datetime(2026, 11, 30, 11, 5, tzinfo=CHI)
+    worker = asyncio.create_task(
+        run_worker(
+            pool,
+            conninfo=migrated_db,
+            profile=profile,
+            settings=None,
+            dial=dial,
+            stop=stop,
+            poll_seconds=0.05,
+            clock=lambda: clock_now,
+            hold_calls=False,
+        )
+    )
+    await asyncio.wait_for(dial.started.wait(), 10)
+    await asyncio.sleep(0.05)
+    stop.set()  # what SIGTERM does
+    report = await asyncio.wait_for(worker, 10)
+    rows = (await attempts(conn)).values()
+    assert report.dialed == len(dial.calls) == 2
+    assert sorted(r["status"] for r in rows) == ["dialing"] * 2 + ["planned"] * 6
+    assert all(r["call_sid"] for r in rows if r["status"] == "dialing")
+    cur = await conn.execute(
+        "SELECT campaign, dialed, finished_at IS NOT NULL FROM campaign_runs ORDER BY 1"
+    )
+    assert await cur.fetchall() == [("confirmation", 0, True), ("service_due", 2, True)]
+
+
+def test_due_slots_follow_the_schedule_and_the_outbound_window() -> None:
+    profile = load_profile(DEFAULT_PROFILE)
+    monday = datetime(2026, 11, 30, tzinfo=CHI)
+    assert due_slots(profile, monday.replace(hour=9, minute=59)) == []
+    assert due_slots(profile, monday.replace(hour=10)) == [("confirmation", "daily 10:00")]
+    assert due_slots(profile, monday.replace(hour=16, minute=30)) == [
+        ("confirmation", "daily 10:00"),
+        ("service_due", "weekdays 11:00"),
+        ("service_due", "weekdays 16:00"),
+    ]
+    assert due_slots(profile, monday.replace(hour=19, minute=30)) == []  # window closed
+    sunday = datetime(2026, 11, 29, 12, 0, tzinfo=CHI)
+    assert due_slots(profile, sunday) == [("confirmation", "daily 10:00")]
+
+
+def test_profile_campaign_settings_are_validated() -> None:
+    import tomllib
+
+    data = tomllib.loads(DEFAULT_PROFILE.read_text())
+    assert parse_profile(data).campaigns.max_retries == 2
+    data.pop("campaigns")
+    data.pop("schedule")
+    assert parse_profile(data).campaigns.calls_per_second == 1.0  # old profiles still load
+    for section, key, value, message in (
+        ("campaigns", "max_retries", -1, "campaigns.max_retries"),
+        ("campaigns", "retry_backoff_minutes", [], "campaigns.retry_backoff_minutes"),
+        ("campaigns", "calls_per_second", "fast", "campaigns.calls_per_second"),
+        ("schedule", "service_due", ["weekdayz 11:00"], r"schedule.service_due\[0\]"),
+        ("schedule", "confirmations", "daily 25:00", r"schedule.confirmations\[0\]"),
+    ):
+        bad = tomllib.loads(DEFAULT_PROFILE.read_text())
+        bad[section][key] = value
+        with pytest.raises(ProfileError, match=message):
+            parse_profile(bad)
+
+
+async def test_cli_dry_run_prints_masked_plan(migrated_db: str, redis_server_url: str, crm: Crm):
+    a = await crm.customer("a", phone="+13125550199")
+    settings = Settings(_env_file=None, DATABASE_URL=migrated_db, REDIS_URL=redis_server_url)
+    out = io.StringIO()
+    args = argparse.Namespace(
+        campaign="service-due",
+        dry_run=True,
+        json=True,
+        limit=None,
+        max_concurrent=None,
+        now=NOW.isoformat(),
+    )
+    assert await app_campaigns.campaign_command(settings, args, out=out) == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines == [
+        {
+            "customer_id": a,
+            "reason": f"service due 2026-12-03 (vehicle {crm.ids['a.vehicle']})",
+            "local_time": "2026-11-30T10:30",
+            "time_zone": "America/Chicago",
+            "phone": "+1***…0199",
+        }
+    ]
+    assert "5550199" not in out.getvalue()
+    out = io.StringIO()
+    args.json = False
+    assert await app_campaigns.campaign_command(settings, args, out=out) == 0
+    assert "+1***…0199" in out.getvalue() and "1 call(s) planned" in out.getvalue()
+    # A real run with a fake dialer (the call ends at once: the run waits for calls in
+    # flight to end); a second run the same day dials nobody.
+    dial = FakeDial(delay=0.0)
+
+    async def dial_and_hang_up(settings, **kwargs) -> str:
+        sid = await dial(settings, **kwargs)
+        # Twilio's callback can beat the CallSid into the database; it is only recorded.
+        async with await psycopg.AsyncConnection.connect(migrated_db, autocommit=True) as c:
+            await crm_calls.record_status_callback(
+                c, call_sid=sid, call_status="busy", sequence=3, payload={"CallSid": sid}
+            )
+        return sid
+
+    args.dry_run = False
+    args.now = (NOW + timedelta(seconds=1)).isoformat()
+    for _ in range(2):
+        out = io.StringIO()
+        assert (
+            await app_campaigns.campaign_command(settings, args, dial=dial_and_hang_up, out=out)
+            == 0
+        )
+    assert dial.customers() == [a]
+    assert json.loads(out.getvalue().splitlines()[-1])["dialed"] == 0

@@ -1,0 +1,655 @@
+"""Outbound campaigns: plan, dial with bounded concurrency and rate, follow call outcomes.
+
+``runner.py campaign service-due|confirmations`` (:func:`cli_main`) plans a campaign and,
+unless ``--dry-run``, dials it. The worker (``app/worker.py``) runs the same code on the
+profile's schedule, plus due retries.
+
+Never twice: planning inserts one attempt row per (campaign, customer, dealership day)
+with ``ON CONFLICT DO NOTHING RETURNING`` and only the rows an insert returned are dialed;
+each dial first claims its row atomically, re-checking do-not-call and both calling
+windows at that moment. Outcomes arrive through Twilio status callbacks
+(:func:`record_call_status`) and the bot (:func:`record_call_outcome`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time as time_mod
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from loguru import logger
+from psycopg_pool import AsyncConnectionPool
+
+from app.pii import mask_phone
+from app.profile import CampaignSettings, DealershipProfile
+from app.settings import Settings
+from crm import campaigns as crm
+
+#: Wait before looking again at an attempt that could not be claimed (window closed...).
+DEFER_MINUTES = 15
+#: A planned or dialing row this old belongs to a run that died.
+STALE_AFTER = timedelta(minutes=15)
+#: CLI campaign names -> campaign.
+CLI_CAMPAIGNS = {"service-due": "service_due", "confirmations": "confirmation"}
+#: Outcome of the bot's ``calls`` row -> campaign attempt outcome.
+CALL_OUTCOMES = {
+    "booked": "booked",
+    "rescheduled": "booked",
+    "confirmed": "confirmed",
+    "voicemail": "voicemail",
+    "opted_out": "opted_out",
+    "failed": "failed",
+}
+
+
+class DialFn(Protocol):
+    """Places one outbound call and returns its CallSid (``bot.twilio.place_outbound_call``)."""
+
+    def __call__(
+        self,
+        settings: Settings,
+        *,
+        to: str,
+        scenario: str,
+        customer_id: int | None,
+        campaign_attempt_id: int | None = None,
+    ) -> Awaitable[str]: ...
+
+
+async def _twilio_dial(
+    settings: Settings,
+    *,
+    to: str,
+    scenario: str,
+    customer_id: int | None,
+    campaign_attempt_id: int | None = None,
+) -> str:
+    from bot.twilio import place_outbound_call
+
+    return await place_outbound_call(
+        settings,
+        to=to,
+        scenario=scenario,
+        customer_id=customer_id,
+        campaign_attempt_id=campaign_attempt_id,
+    )
+
+
+def call_rules(profile: DealershipProfile) -> crm.CallRules:
+    """The calling rules of a dealership profile."""
+    c = profile.campaigns
+    return crm.CallRules(
+        dealer_time_zone=str(profile.time_zone),
+        dealer_window=(profile.outbound_window.start, profile.outbound_window.end),
+        customer_window=(profile.customer_call_window.start, profile.customer_call_window.end),
+        due_within_days=c.due_within_days,
+        recent_attempt_days=c.recent_attempt_days,
+        default_miles_per_day=c.default_miles_per_day,
+    )
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def planned_call_view(call: crm.PlannedCall) -> dict[str, Any]:
+    """What ops may see of a planned call: no number beyond its last 4 digits."""
+    return {
+        "customer_id": call.customer_id,
+        "reason": call.reason,
+        "local_time": call.local_time.isoformat(timespec="minutes"),
+        "time_zone": call.time_zone,
+        "phone": mask_phone(call.phone),
+    }
+
+
+async def plan_campaign(
+    db: AsyncConnectionPool,
+    *,
+    profile: DealershipProfile,
+    campaign: str,
+    now: datetime | None = None,
+    limit: int | None = None,
+) -> list[crm.PlannedCall]:
+    """Who ``campaign`` would call now; writes nothing (the dry run).
+
+    Args:
+        db: Connection pool.
+        profile: Dealership profile (windows, thresholds).
+        campaign: ``service_due`` or ``confirmation``.
+        now: The current instant (timezone-aware); defaults to the clock.
+        limit: At most this many calls, most urgent first.
+
+    Returns:
+        Planned calls (customer id, number, reason, customer-local time).
+    """
+    async with db.connection() as conn:
+        return await crm.plan_calls(
+            conn, campaign=campaign, now=now or _utcnow(), rules=call_rules(profile), limit=limit
+        )
+
+
+class RateLimiter:
+    """Spaces events at least ``1 / per_second`` seconds apart."""
+
+    def __init__(self, per_second: float) -> None:
+        self._interval = 1.0 / per_second if per_second > 0 else 0.0
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        """Return when the next event may happen."""
+        async with self._lock:
+            delay = self._next - time_mod.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._next = max(time_mod.monotonic(), self._next) + self._interval
+
+
+@dataclass
+class DialStats:
+    """What a batch of dials did."""
+
+    dialed: int = 0
+    deferred: int = 0
+    failed: int = 0
+    call_sids: list[str] = field(default_factory=list)
+
+    def add(self, other: DialStats) -> None:
+        """Fold another batch's counts into this one."""
+        self.dialed += other.dialed
+        self.deferred += other.deferred
+        self.failed += other.failed
+        self.call_sids.extend(other.call_sids)
+
+
+class Dialer:
+    """Dials attempt rows with at most ``max_concurrent`` calls in flight and a rate cap.
+
+    A call is in flight from its claim through the Twilio request and, with
+    ``hold_calls``, until the attempt leaves ``dialing``/``in_progress`` (status callbacks)
+    or ``max_call_minutes`` pass. One dialer is shared by every campaign run and retry
+    pass of a process, so the cap holds across them.
+
+    Args:
+        db: Connection pool.
+        profile: Dealership profile.
+        settings: Settings handed to ``dial``.
+        dial: Places a call; ``bot.twilio.place_outbound_call`` by default.
+        max_concurrent: Overrides the profile's ``campaigns.max_concurrent``.
+        calls_per_second: Overrides the profile's ``campaigns.calls_per_second``.
+        hold_calls: Keep a call's slot until the call ends.
+        poll_seconds: How often a held call's attempt row is looked at.
+        stop: When set, no new call starts; held calls are let go.
+        now: The start instant (``--now``); the dialer's clock runs on from it.
+        clock: Returns the current instant (overrides ``now``; tests).
+    """
+
+    def __init__(
+        self,
+        db: AsyncConnectionPool,
+        *,
+        profile: DealershipProfile,
+        settings: Settings | None,
+        dial: DialFn | None = None,
+        max_concurrent: int | None = None,
+        calls_per_second: float | None = None,
+        hold_calls: bool = True,
+        poll_seconds: float = 2.0,
+        stop: asyncio.Event | None = None,
+        now: datetime | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.db = db
+        self.profile = profile
+        self.settings = settings
+        self.dial = dial or _twilio_dial
+        self.rules = call_rules(profile)
+        self.cfg: CampaignSettings = profile.campaigns
+        self.max_concurrent = max_concurrent or self.cfg.max_concurrent
+        self._semaphore = asyncio.Semaphore(self.max_concurrent)
+        self._limiter = RateLimiter(calls_per_second or self.cfg.calls_per_second)
+        self.hold_calls = hold_calls
+        self.poll_seconds = poll_seconds
+        self.stop = stop or asyncio.Event()
+        self._start = now
+        self._start_mono = time_mod.monotonic()
+        self._clock = clock
+
+    def now(self) -> datetime:
+        """The dialer's clock: real time, or ``now`` given at start plus time elapsed."""
+        if self._clock is not None:
+            return self._clock()
+        if self._start is None:
+            return _utcnow()
+        return self._start + timedelta(seconds=time_mod.monotonic() - self._start_mono)
+
+    async def dial_attempts(
+        self, attempt_ids: Iterable[int], *, from_statuses: Sequence[str]
+    ) -> DialStats:
+        """Claim and dial each attempt; returns when every call is dialed (and let go).
+
+        Args:
+            attempt_ids: Attempt rows to dial, in order.
+            from_statuses: Statuses a row may be claimed from.
+
+        Returns:
+            Counts of dialed, deferred and failed attempts.
+        """
+        stats = DialStats()
+        ids = list(attempt_ids)
+        results = await asyncio.gather(
+            *(self._dial_one(i, from_statuses, stats) for i in ids), return_exceptions=True
+        )
+        for attempt_id, result in zip(ids, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                # The row stays where it was; housekeeping closes or requeues it.
+                stats.failed += 1
+                logger.opt(exception=result).error(
+                    f"campaign attempt {attempt_id}: {type(result).__name__} while dialing"
+                )
+        return stats
+
+    async def _dial_one(
+        self, attempt_id: int, from_statuses: Sequence[str], stats: DialStats
+    ) -> None:
+        async with self._semaphore:
+            if self.stop.is_set():
+                return
+            await self._limiter.wait()
+            if self.stop.is_set():
+                return
+            now = self.now()
+            async with self.db.connection() as conn:
+                claimed = await crm.claim_attempt(
+                    conn,
+                    attempt_id=attempt_id,
+                    now=now,
+                    rules=self.rules,
+                    from_statuses=from_statuses,
+                )
+                if claimed is None:
+                    if await crm.defer_attempt(
+                        conn,
+                        attempt_id=attempt_id,
+                        until=now + timedelta(minutes=DEFER_MINUTES),
+                        reason="not callable when its turn came",
+                    ):
+                        stats.deferred += 1
+                    return
+            try:
+                call_sid = await self.dial(
+                    self.settings,
+                    to=claimed.phone,
+                    scenario=claimed.campaign,
+                    customer_id=claimed.customer_id,
+                    campaign_attempt_id=claimed.id,
+                )
+            except Exception as exc:
+                stats.failed += 1
+                async with self.db.connection() as conn:
+                    status = await crm.record_dial_error(
+                        conn,
+                        attempt_id=claimed.id,
+                        error=f"{type(exc).__name__}: {exc}",
+                        now=self.now(),
+                        max_retries=self.cfg.max_retries,
+                        backoff_minutes=self.cfg.retry_backoff_minutes,
+                    )
+                logger.warning(
+                    f"campaign attempt {claimed.id} to {mask_phone(claimed.phone)}: dial "
+                    f"failed ({type(exc).__name__}); now {status}"
+                )
+                return
+            async with self.db.connection() as conn:
+                await crm.record_dialed(conn, attempt_id=claimed.id, call_sid=call_sid)
+            stats.dialed += 1
+            stats.call_sids.append(call_sid)
+            logger.info(
+                f"{claimed.campaign} attempt {claimed.id} (try {claimed.attempt_count}): "
+                f"dialed {mask_phone(claimed.phone)} as {call_sid}"
+            )
+            if self.hold_calls:
+                await self._hold(claimed.id, call_sid)
+
+    async def _hold(self, attempt_id: int, call_sid: str) -> None:
+        deadline = time_mod.monotonic() + self.cfg.max_call_minutes * 60
+        while time_mod.monotonic() < deadline and not self.stop.is_set():
+            async with self.db.connection() as conn:
+                status = await crm.attempt_status(conn, attempt_id)
+                final = await crm.final_status_event(conn, call_sid=call_sid)
+            if status not in ("dialing", "in_progress"):
+                return
+            if final is not None:
+                # The callback came before the CallSid was stored: apply it now.
+                await record_call_status(
+                    self.db,
+                    call_sid=call_sid,
+                    status=final["status"],
+                    answered_by=final["answered_by"],
+                    campaign_settings=self.cfg,
+                    now=self.now(),
+                )
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=self.poll_seconds)
+
+
+@dataclass
+class RunResult:
+    """What one campaign run did."""
+
+    campaign: str
+    planned: int
+    inserted: int
+    stats: DialStats
+    calls: list[crm.PlannedCall]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for logs and the CLI (no personal data)."""
+        return {
+            "campaign": self.campaign,
+            "planned": self.planned,
+            "new_attempts": self.inserted,
+            "dialed": self.stats.dialed,
+            "deferred": self.stats.deferred,
+            "dial_failures": self.stats.failed,
+        }
+
+
+async def run_campaign(
+    db: AsyncConnectionPool,
+    *,
+    profile: DealershipProfile,
+    settings: Settings | None,
+    campaign: str,
+    now: datetime | None = None,
+    limit: int | None = None,
+    max_concurrent: int | None = None,
+    dial: DialFn | None = None,
+    dialer: Dialer | None = None,
+    hold_calls: bool = True,
+) -> RunResult:
+    """Plan ``campaign``, insert its attempt rows and dial the rows this run inserted.
+
+    Args:
+        db: Connection pool.
+        profile: Dealership profile.
+        settings: Settings handed to ``dial`` (Twilio credentials, public URL).
+        campaign: ``service_due`` or ``confirmation``.
+        now: The current instant; defaults to the clock.
+        limit: At most this many calls.
+        max_concurrent: Calls in flight at once (default: the profile's).
+        dial: Places one call (default ``bot.twilio.place_outbound_call``); tests pass a fake.
+        dialer: A shared dialer (the worker's); built from the arguments above when omitted.
+        hold_calls: Keep a call's concurrency slot until the call ends.
+
+    Returns:
+        Counts and the planned calls.
+    """
+    dialer = dialer or Dialer(
+        db,
+        profile=profile,
+        settings=settings,
+        dial=dial,
+        max_concurrent=max_concurrent,
+        hold_calls=hold_calls,
+        now=now,
+    )
+    now = now or dialer.now()
+    async with db.connection() as conn:
+        planned = await crm.plan_calls(
+            conn, campaign=campaign, now=now, rules=dialer.rules, limit=limit
+        )
+        inserted = await crm.insert_attempts(conn, planned=planned, now=now)
+    logger.info(f"{campaign} run: {len(planned)} planned, {len(inserted)} new attempt rows")
+    ordered = [inserted[p.customer_id] for p in planned if p.customer_id in inserted]
+    stats = await dialer.dial_attempts(ordered, from_statuses=("planned",))
+    result = RunResult(campaign, len(planned), len(inserted), stats, planned)
+    logger.info(f"{campaign} run finished: {result.summary()}")
+    return result
+
+
+async def run_due_retries(dialer: Dialer, *, limit: int = 200) -> DialStats:
+    """Dial the attempts whose retry time has come (within the calling windows).
+
+    Args:
+        dialer: The dialer (its clock, windows and concurrency).
+        limit: At most this many retries in this pass.
+
+    Returns:
+        Counts of the pass.
+    """
+    async with dialer.db.connection() as conn:
+        ids = await crm.due_retry_ids(conn, now=dialer.now(), limit=limit)
+    if not ids:
+        return DialStats()
+    logger.info(f"retrying {len(ids)} campaign attempt(s)")
+    return await dialer.dial_attempts(ids, from_statuses=("retry_pending",))
+
+
+async def housekeeping(
+    db: AsyncConnectionPool, *, profile: DealershipProfile, now: datetime | None = None
+) -> dict[str, int]:
+    """Clean up after crashed runs, replay lost status callbacks, copy late bot outcomes.
+
+    Returns:
+        Counts per kind of clean-up.
+    """
+    now = now or _utcnow()
+    cfg = profile.campaigns
+    async with db.connection() as conn:
+        counts = await crm.close_stale_attempts(
+            conn, now=now, rules=call_rules(profile), stale_after=STALE_AFTER
+        )
+        stuck = await crm.unfinished_calls(
+            conn, dialed_before=now - timedelta(minutes=cfg.max_call_minutes * 2)
+        )
+    counts["replayed"] = counts["abandoned"] = 0
+    for row in stuck:
+        if row["final_status"]:
+            await record_call_status(
+                db,
+                call_sid=row["call_sid"],
+                status=row["final_status"],
+                answered_by=row["answered_by"],
+                campaign_settings=cfg,
+                now=now,
+            )
+            counts["replayed"] += 1
+        else:
+            async with db.connection() as conn:
+                await crm.fail_attempt(
+                    conn, attempt_id=row["id"], now=now, error="no final status from Twilio"
+                )
+            counts["abandoned"] += 1
+    async with db.connection() as conn:
+        counts["outcomes"] = await crm.sync_outcomes_from_calls(conn, now=now)
+    return counts
+
+
+async def record_call_status(
+    db: AsyncConnectionPool,
+    *,
+    call_sid: str,
+    status: str,
+    answered_by: str | None = None,
+    campaign_settings: CampaignSettings | None = None,
+    now: datetime | None = None,
+) -> dict | None:
+    """Apply a Twilio status callback to the campaign attempt with this CallSid.
+
+    ``no-answer``/``busy`` -> ``retry_pending`` after the profile's backoff (at most
+    ``max_retries`` redials), then ``failed``; ``completed`` -> ``completed`` with the
+    bot's outcome (``voicemail`` when a machine answered); an ``opted_out`` outcome sets
+    the customer's do-not-call flag. Calls that are not campaign calls are ignored.
+
+    Args:
+        db: Connection pool.
+        call_sid: Twilio CallSid.
+        status: Twilio ``CallStatus``.
+        answered_by: Twilio ``AnsweredBy`` (answering-machine detection), if sent.
+        campaign_settings: Retry settings (``profile.campaigns``); defaults when omitted.
+        now: The current instant (tests).
+
+    Returns:
+        The attempt's new ``{"id", "status", "outcome", "customer_id"}``, or ``None``.
+    """
+    cfg = campaign_settings or CampaignSettings()
+    async with db.connection() as conn, conn.transaction():
+        row = await crm.apply_call_status(
+            conn,
+            call_sid=call_sid,
+            status=status,
+            answered_by=answered_by,
+            now=now or _utcnow(),
+            max_retries=cfg.max_retries,
+            backoff_minutes=cfg.retry_backoff_minutes,
+        )
+    if row is not None:
+        logger.info(f"campaign attempt {row['id']}: {status} -> {row['status']} {row['outcome']}")
+    return row
+
+
+async def record_call_outcome(
+    db: AsyncConnectionPool, *, call_sid: str, outcome: str | None
+) -> dict | None:
+    """The bot's outcome of a campaign call (e.g. from ``on_call_finished``).
+
+    Args:
+        db: Connection pool.
+        call_sid: The call.
+        outcome: The ``calls.outcome`` the bot set; outcomes campaigns do not track are
+            ignored.
+
+    Returns:
+        The attempt's ``{"id", "status", "outcome", "customer_id"}``, or ``None``.
+    """
+    mapped = CALL_OUTCOMES.get(outcome or "")
+    if mapped is None:
+        return None
+    async with db.connection() as conn, conn.transaction():
+        return await crm.set_attempt_outcome(conn, call_sid=call_sid, outcome=mapped)
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+def _parse_now(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        raise ValueError("--now needs a UTC offset, e.g. 2026-11-30T10:00:00-06:00")
+    return value
+
+
+def add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``runner.py campaign``."""
+    parser.add_argument("campaign", choices=tuple(CLI_CAMPAIGNS))
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, dial nobody")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--limit", type=int, help="at most N calls, most urgent first")
+    parser.add_argument("--max-concurrent", type=int, help="at most K calls in flight")
+    parser.add_argument("--now", help="fixed current time, ISO 8601 with offset")
+
+
+def _print_plan(calls: Sequence[crm.PlannedCall], *, as_json: bool, out=sys.stdout) -> None:
+    if as_json:
+        for call in calls:
+            print(json.dumps(planned_call_view(call)), file=out)
+        return
+    print(
+        f"{'customer':>9}  {'phone':<12}  {'local time':<16}  {'time zone':<22}  reason", file=out
+    )
+    for call in calls:
+        v = planned_call_view(call)
+        print(
+            f"{v['customer_id']:>9}  {v['phone']:<12}  {v['local_time']:<16}  "
+            f"{v['time_zone']:<22}  {v['reason']}",
+            file=out,
+        )
+    print(f"{len(calls)} call(s) planned", file=out)
+
+
+async def campaign_command(
+    settings: Settings,
+    args: argparse.Namespace,
+    *,
+    dial: DialFn | None = None,
+    out=sys.stdout,
+) -> int:
+    """``runner.py campaign ...``: dry-run or run one campaign now.
+
+    Args:
+        settings: Settings.
+        args: Parsed ``campaign`` arguments.
+        dial: Fake dialer (tests); Twilio by default.
+        out: Where the plan and the summary go.
+
+    Returns:
+        Process exit code.
+    """
+    from app.profile import ProfileError
+    from app.resources import StartupError, open_resources
+    from app.settings import MissingSettingError
+
+    campaign = CLI_CAMPAIGNS[args.campaign]
+    try:
+        now = _parse_now(args.now)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if (args.limit is not None and args.limit < 0) or (args.max_concurrent or 1) < 1:
+        print("--limit must be >= 0 and --max-concurrent >= 1", file=sys.stderr)
+        return 2
+    try:
+        if not args.dry_run and dial is None:
+            settings.require(
+                "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL"
+            )
+        async with open_resources(settings, seed_demo=False) as resources:
+            if args.dry_run:
+                calls = await plan_campaign(
+                    resources.db,
+                    profile=resources.profile,
+                    campaign=campaign,
+                    now=now,
+                    limit=args.limit,
+                )
+                _print_plan(calls, as_json=args.json, out=out)
+                return 0
+            result = await run_campaign(
+                resources.db,
+                profile=resources.profile,
+                settings=settings,
+                campaign=campaign,
+                now=now,
+                limit=args.limit,
+                max_concurrent=args.max_concurrent,
+                dial=dial,
+            )
+    except (MissingSettingError, StartupError, ProfileError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if args.json:
+        for call in result.calls:
+            print(json.dumps(planned_call_view(call)), file=out)
+    print(json.dumps(result.summary()), file=out)
+    return 0
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Entry point of ``runner.py campaign`` (settings and logging from the environment)."""
+    from app.settings import get_settings
+
+    return asyncio.run(campaign_command(get_settings(), args))
