@@ -273,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     call_cmd.add_argument(
         "--scenario", choices=("service-due", "confirmation"), default="service-due"
     )
+    # --- outbound campaigns (app/campaigns.py, app/worker.py) ---
+    from app.campaigns import add_campaign_arguments
+
+    add_campaign_arguments(sub.add_parser("campaign", help="plan (--dry-run) or run a campaign"))
+    sub.add_parser("worker", help="run scheduled campaigns and retries until SIGTERM")
+    # --- end outbound campaigns ---
     args = parser.parse_args(argv)
 
     try:
@@ -287,6 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_call(settings, number=args.number, scenario=args.scenario))
     if args.command == "tools":
         return asyncio.run(_tools_console(settings, caller=args.caller, now=args.now))
+    # --- outbound campaigns ---
+    if args.command == "campaign":
+        from app.campaigns import cli_main
+
+        return cli_main(args, settings=settings)
+    if args.command == "worker":
+        from app.worker import worker_main
+
+        return worker_main(settings=settings)
+    # --- end outbound campaigns ---
     parser.error(f"unknown command {args.command}")
     return 2
 

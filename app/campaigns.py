@@ -648,8 +648,16 @@ async def campaign_command(
     return 0
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    """Entry point of ``runner.py campaign`` (settings and logging from the environment)."""
+def cli_main(args: argparse.Namespace, *, settings: Settings | None = None) -> int:
+    """Entry point of ``runner.py campaign``.
+
+    Args:
+        args: Parsed arguments (:func:`add_campaign_arguments`).
+        settings: Settings; read from the environment when omitted.
+
+    Returns:
+        Process exit code.
+    """
     from app.settings import get_settings
 
-    return asyncio.run(campaign_command(get_settings(), args))
+    return asyncio.run(campaign_command(settings or get_settings(), args))

@@ -295,8 +295,8 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
     return 0
 
 
-def worker_main(args: object = None) -> int:
-    """Entry point of ``runner.py worker`` (settings from the environment)."""
+def worker_main(*, settings: Settings | None = None) -> int:
+    """Entry point of ``runner.py worker``; settings from the environment when omitted."""
     from app.settings import get_settings
 
-    return asyncio.run(worker_command(get_settings()))
+    return asyncio.run(worker_command(settings or get_settings()))
