@@ -49,6 +49,7 @@ from processors.session_snapshot import (
     SnapshotStore,
     session_snapshot,
 )
+from processors.spoken_text import SpokenTextAligner
 from tools.console import make_tool_context
 from tools.customers import identify_caller
 from tools.handoff import is_open
@@ -201,6 +202,7 @@ async def run_call(
             aggregators.user(),
             llm,
             tts,
+            SpokenTextAligner(),  # sentence text behind its audio: interruptions trim it
             transport.output(),
             snapshots,
             *options.extra_processors_after_output,

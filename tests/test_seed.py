@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from datetime import date
@@ -133,8 +134,13 @@ async def test_demo_customers_are_there_as_the_readme_lists_them(migrated_db: st
                 "verification_locked_until IS NOT NULL FROM customers WHERE phone = %s",
                 (demo.phone,),
             ).fetchone()
-            assert row[:5] == (index, demo.first_name, demo.date_of_birth, demo.zip_code,
-                               demo.do_not_call)
+            assert row[:5] == (
+                index,
+                demo.first_name,
+                demo.date_of_birth,
+                demo.zip_code,
+                demo.do_not_call,
+            )
             assert row[5] == demo.alt_phone and row[6] == demo.locked
             vins = [
                 r[0]
@@ -174,9 +180,18 @@ async def test_command_line_seeds_database_url() -> None:
     name = await create_database()
     try:
         url = database_url(name)
-        result = subprocess.run(
-            [sys.executable, "seed_data.py", "--customers", "40", "--seed", "3",
-             "--anchor-date", "2026-11-30"],
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "seed_data.py",
+                "--customers",
+                "40",
+                "--seed",
+                "3",
+                "--anchor-date",
+                "2026-11-30",
+            ],
             cwd=REPO,
             env={"DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
             capture_output=True,
@@ -185,7 +200,8 @@ async def test_command_line_seeds_database_url() -> None:
         )
         assert result.returncode == 0, result.stderr
         assert f"seeded {40 + len(DEMO_CUSTOMERS)} customers" in result.stdout
-        again = subprocess.run(
+        again = await asyncio.to_thread(
+            subprocess.run,
             [sys.executable, "seed_data.py", "--customers", "40"],
             cwd=REPO,
             env={"DATABASE_URL": url, "PATH": "/usr/bin:/bin"},

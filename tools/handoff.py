@@ -75,4 +75,8 @@ async def end_call(ctx: ToolContext, *, reason: str | None = None) -> dict[str, 
     if session.outcome is None:
         session.outcome = "info"
     session.end_reason = (reason or "caller finished")[:200]
-    return {"ok": True, "ending": True}
+    return {
+        "ok": True,
+        "ending": True,
+        "say": f"Thank you for calling {ctx.profile.name}. Goodbye!",
+    }

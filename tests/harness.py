@@ -1,0 +1,199 @@
+"""End-to-end harness: the real server (runner.create_app under uvicorn) on a real port,
+with Deepgram, OpenAI and Twilio replaced by the wire-protocol fakes in ``tests/fakes``.
+
+The production code reaches the fakes only through its configured URLs
+(``DEEPGRAM_STT_URL``, ``DEEPGRAM_TTS_URL``, ``OPENAI_BASE_URL``, ``TWILIO_API_BASE_URL``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from html import unescape
+from typing import Any
+
+import httpx
+import psycopg
+import uvicorn
+from psycopg.rows import dict_row
+from twilio.request_validator import RequestValidator
+
+from app.settings import Settings
+from runner import create_app
+from tests.fakes.deepgram_stt import FakeDeepgramSTT
+from tests.fakes.deepgram_tts import FakeDeepgramTTS
+from tests.fakes.openai_chat import FakeOpenAI
+from tests.fakes.twilio_media import TwilioMediaClient, new_sid
+from tests.fakes.twilio_rest import FakeTwilioREST
+
+ACCOUNT_SID = "AC" + "1" * 32
+AUTH_TOKEN = "e2e-auth-token"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sign(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> str:
+    """``X-Twilio-Signature`` for a webhook POST, as Twilio computes it."""
+    return RequestValidator(token).compute_signature(url, params)
+
+
+def parse_stream_twiml(twiml: str) -> tuple[str, dict[str, str]]:
+    """``(stream url, parameters)`` of a ``<Connect><Stream>`` TwiML document."""
+    url = re.search(r'<Stream url="([^"]+)"', twiml)
+    assert url, twiml
+    params = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]*)"', twiml))
+    return unescape(url.group(1)), {k: unescape(v) for k, v in params.items()}
+
+
+@dataclass
+class Agent:
+    """The running server and its fakes."""
+
+    base_url: str
+    settings: Settings
+    stt: FakeDeepgramSTT
+    tts: FakeDeepgramTTS
+    llm: FakeOpenAI
+    twilio: FakeTwilioREST
+    database_url: str
+    app: Any
+    http: httpx.AsyncClient
+    clients: list[TwilioMediaClient] = field(default_factory=list)
+
+    async def post_signed(self, path: str, form: dict[str, str]) -> httpx.Response:
+        """POST a Twilio webhook with a valid signature."""
+        url = self.settings.public_base_url.rstrip("/") + path  # type: ignore[union-attr]
+        return await self.http.post(
+            path, data=form, headers={"X-Twilio-Signature": sign(url, form)}
+        )
+
+    async def inbound_call(
+        self, caller: str, *, call_sid: str | None = None, connect: bool = True
+    ) -> TwilioMediaClient:
+        """Ring the Twilio webhook like Twilio does, then open the media stream it returns."""
+        call_sid = call_sid or new_sid("CA")
+        form = {
+            "CallSid": call_sid,
+            "AccountSid": ACCOUNT_SID,
+            "From": caller,
+            "To": "+15555550199",
+            "CallStatus": "ringing",
+            "Direction": "inbound",
+        }
+        response = await self.post_signed("/twilio/voice", form)
+        assert response.status_code == 200, response.text
+        url, params = parse_stream_twiml(response.text)
+        client = TwilioMediaClient(
+            url, call_sid=call_sid, account_sid=ACCOUNT_SID, custom_parameters=params
+        )
+        self.clients.append(client)
+        if connect:
+            await client.connect()
+        return client
+
+    def query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        """Rows of a query against the agent's database."""
+        with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    async def wait_for_call_row(self, call_sid: str, timeout: float = 15.0) -> dict[str, Any]:  # noqa: ASYNC109
+        """The ``calls`` row once the call has ended (``ended_at`` set)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                rows = self.query("SELECT * FROM calls WHERE call_sid = %s", (call_sid,))
+                if rows and rows[0]["ended_at"] is not None:
+                    return rows[0]
+                await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    *,
+    database_url: str,
+    redis_url: str,
+    stt: FakeDeepgramSTT | None = None,
+    tts: FakeDeepgramTTS | None = None,
+    llm: FakeOpenAI | None = None,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[Agent]:
+    """Start the fakes and the server; stop everything on exit.
+
+    Args:
+        database_url: A migrated (and usually seeded) database.
+        redis_url: Redis URL.
+        stt: Deepgram STT fake (default settings when omitted).
+        tts: Deepgram TTS fake (a fast talker by default: 10 ms per character).
+        llm: OpenAI fake.
+        env: Extra settings (by environment name).
+
+    Yields:
+        The running agent.
+    """
+    stt = stt or FakeDeepgramSTT()
+    tts = tts or FakeDeepgramTTS(secs_per_char=0.01)
+    llm = llm or FakeOpenAI()
+    twilio = FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN)
+    async with contextlib.AsyncExitStack() as stack:
+        for fake in (stt, tts, llm, twilio):
+            await stack.enter_async_context(fake)
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        settings = Settings(
+            _env_file=None,
+            DATABASE_URL=database_url,
+            REDIS_URL=redis_url,
+            OPENAI_API_KEY="sk-e2e",
+            OPENAI_BASE_URL=llm.base_url,
+            DEEPGRAM_API_KEY="dg-e2e",
+            DEEPGRAM_STT_URL=stt.url,
+            DEEPGRAM_TTS_URL=tts.url,
+            TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+            TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+            TWILIO_PHONE_NUMBER="+15555550199",
+            TWILIO_API_BASE_URL=twilio.base_url,
+            PUBLIC_BASE_URL=base_url,
+            ADMIN_TOKEN="e2e-admin",
+            HOST="127.0.0.1",
+            PORT=port,
+            **(env or {}),
+        )
+        app = create_app(settings)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        task = asyncio.create_task(server.serve())
+        async with asyncio.timeout(60):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.05)
+        http = httpx.AsyncClient(base_url=base_url, timeout=10)
+        agent = Agent(
+            base_url=base_url,
+            settings=settings,
+            stt=stt,
+            tts=tts,
+            llm=llm,
+            twilio=twilio,
+            database_url=database_url,
+            app=app,
+            http=http,
+        )
+        try:
+            yield agent
+        finally:
+            for client in agent.clients:
+                await client.close()
+            await http.aclose()
+            server.should_exit = True
+            await asyncio.wait_for(task, 30)

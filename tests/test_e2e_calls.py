@@ -1,0 +1,413 @@
+"""Offline end-to-end calls through the real server over real sockets.
+
+Caller audio goes in as Twilio media-stream messages (8 kHz mu-law, paced in real time);
+Deepgram, OpenAI and Twilio REST are local fakes reached through their configured URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import metrics
+from app.profile import load_profile
+from app.settings import DEFAULT_PROFILE
+from seed_data import seed
+from tests.fakes.audio import speech_ulaw
+from tests.fakes.deepgram_tts import FakeDeepgramTTS
+from tests.fakes.openai_chat import FakeOpenAI, call_tool, fail, say
+from tests.fakes.twilio_media import TwilioMediaClient
+from tests.harness import AUTH_TOKEN, parse_stream_twiml, running_agent, sign
+
+REPO = Path(__file__).resolve().parents[1]
+
+MARIA = "+15555550100"
+PROFILE = load_profile(DEFAULT_PROFILE)
+
+
+@pytest.fixture
+async def crm_db(migrated_db: str) -> str:
+    """A small seeded CRM anchored on today's date (the demo customers included)."""
+    today = datetime.now(PROFILE.time_zone).date()
+    await seed(migrated_db, customers=20, seed=7, anchor_date=today, profile=PROFILE)
+    return migrated_db
+
+
+def last_tool_result(body: dict[str, Any], name: str) -> dict[str, Any]:
+    """The latest result of tool ``name`` in an OpenAI request's messages."""
+    calls = {}
+    for message in body["messages"]:
+        for call in message.get("tool_calls") or []:
+            calls[call["id"]] = call["function"]["name"]
+    for message in reversed(body["messages"]):
+        if message.get("role") == "tool" and calls.get(message.get("tool_call_id")) == name:
+            content = message["content"]
+            return json.loads(content) if isinstance(content, str) else content
+    raise AssertionError(f"no {name} result in the request: {body['messages']}")
+
+
+async def say_turn(client, seconds: float = 0.8, *, expect_reply: bool = True) -> float:
+    """The caller speaks (the STT fake transcribes it from its script) and, by default,
+    waits for the bot's whole reply. Returns the time the caller's last frame was sent."""
+    end = await client.send_audio(speech_ulaw(seconds))
+    if expect_reply:
+        await client.wait_for_bot_audio(min_seconds=0.2, timeout=20, since=end)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+    return end
+
+
+async def test_demo_customer_books_an_oil_change(crm_db: str, redis_server_url: str) -> None:
+    def offer_slots(body: dict[str, Any]):
+        slots = last_tool_result(body, "check_availability")["slots"]
+        return say(f"I have {slots[0]['when']} or {slots[1]['when']}. Which works?")
+
+    def book_first(body: dict[str, Any]):
+        slot = last_tool_result(body, "check_availability")["slots"][0]
+        vehicle = last_tool_result(body, "get_vehicle_history")["vehicles"][0]
+        return call_tool(
+            "book_appointment",
+            {
+                "slot_id": slot["slot_id"],
+                "vehicle_id": vehicle["vehicle_id"],
+                "service_type": "oil_change",
+                "transportation": "waiter",
+            },
+        )
+
+    def read_back(body: dict[str, Any]):
+        booked = last_tool_result(body, "book_appointment")
+        code = booked["confirmation_code_spoken"]
+        return say(f"You're all set. Your confirmation code is {code}. Anything else?")
+
+    llm = FakeOpenAI(
+        [
+            say("I can help with that. Can you confirm your date of birth?"),
+            call_tool("verify_customer", {"date_of_birth": "1985-04-12"}),
+            call_tool("get_vehicle_history", {}),
+            call_tool("check_availability", {"service_type": "oil_change"}),
+            offer_slots,
+            book_first,
+            read_back,
+            call_tool("end_call", {"reason": "caller is done"}),
+        ]
+    )
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.stt.script(
+            [
+                "Hi, I need an oil change for my Camry.",
+                "April twelfth, nineteen eighty-five.",
+                "The first one, I'll wait there.",
+                "No, that's all. Thanks!",
+            ]
+        )
+        client = await agent.inbound_call(MARIA)
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        for _ in range(3):
+            await say_turn(client)
+        await say_turn(client, expect_reply=False)
+        await client.wait_closed(timeout=30)
+        row = await agent.wait_for_call_row(client.call_sid)
+
+        appointments = agent.query(
+            "SELECT a.*, v.vin FROM appointments a JOIN vehicles v ON v.id = a.vehicle_id "
+            "WHERE a.call_sid = %s",
+            (client.call_sid,),
+        )
+        assert len(appointments) == 1
+        booked = appointments[0]
+        assert booked["customer_id"] == 1 and booked["vehicle_id"] == 1
+        assert booked["service_codes"] == ["oil_change"] and booked["status"] == "scheduled"
+        # The spoken confirmation carries the code of the row in the database.
+        spoken = " ".join(agent.tts.texts)
+        assert " ".join(booked["confirmation_code"]) in spoken
+        assert "AI" in agent.tts.texts[0]  # the greeting discloses the AI assistant
+        assert row["outcome"] == "booked"
+        assert row["verified"] is True and row["customer_id"] == 1
+        assert row["appointment_ids"] == [booked["id"]]
+        # The bot hung up through Twilio REST when the conversation ended.
+        updates = agent.twilio.requests_to("POST", f"/Calls/{client.call_sid}.json")
+        assert updates and updates[-1].form.get("Status") == "completed"
+        assert client.bot_audio_secs() > 1.0
+        # The call ends with a spoken goodbye before the hang-up.
+        assert agent.tts.texts[-1].strip() == "Thank you for calling Riverside Motors. Goodbye!"
+
+
+# --- shared helpers for the scenarios below --------------------------------------------
+
+ALWAYS_OPEN_HOURS = "\n".join(
+    f'{day} = ["00:00-23:59"]'
+    for day in ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+)
+
+
+@pytest.fixture
+def always_open_profile(tmp_path) -> str:
+    """The example profile, open around the clock (transfers are possible whenever CI runs)."""
+    text = DEFAULT_PROFILE.read_text()
+    start = text.index("[hours]")
+    end = text.index("[", start + len("[hours]"))
+    text = text[:start] + "[hours]\n" + ALWAYS_OPEN_HOURS + "\n\n" + text[end:]
+    text = text.replace(
+        text[text.index("holidays = [") : text.index("]", text.index("holidays = [")) + 1],
+        "holidays = []",
+    )
+    path = tmp_path / "always_open.toml"
+    path.write_text(text)
+    return str(path)
+
+
+LONG_REPLY = (
+    "Sure. Let me tell you a little about how our service department works before we start. "
+    "We look at the brakes, the tires, the fluids and the battery on every visit, and we "
+    "write down everything we find so you can decide what to do next. Does that sound good?"
+)
+
+
+def ws_url(agent) -> str:
+    return agent.base_url.replace("http://", "ws://") + "/twilio/media"
+
+
+async def test_barge_in_clears_twilio_and_keeps_only_what_was_played(
+    crm_db: str, redis_server_url: str
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def after_interruption(body: dict[str, Any]):
+        seen["messages"] = body["messages"]
+        return say("Sure, a tire rotation.")
+
+    llm = FakeOpenAI([say(LONG_REPLY), after_interruption])
+    tts = FakeDeepgramTTS(secs_per_char=0.03)  # the long reply plays for about 8 s
+    async with running_agent(
+        database_url=crm_db, redis_url=redis_server_url, llm=llm, tts=tts
+    ) as agent:
+        agent.stt.script(
+            [
+                "I have a question about my car.",
+                "Uh-huh.",
+                "Wait, sorry, I need a tire rotation instead.",
+            ]
+        )
+        interruptions_before = metrics.sample("voice_agent_interruptions_total")
+        ignored_before = metrics.sample("voice_agent_backchannels_ignored_total")
+        client = await agent.inbound_call(MARIA)
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        end = await client.send_audio(speech_ulaw(0.8))
+        await client.wait_for_bot_audio(min_seconds=1.0, timeout=20, since=end)
+
+        # A backchannel while the bot talks: no clear, the bot keeps talking.
+        backchannel_start = time.monotonic()
+        await client.send_audio(speech_ulaw(0.4))
+        await asyncio.sleep(1.0)
+        assert [t for t in client.clears if t >= backchannel_start] == []
+        assert time.monotonic() - (client.last_bot_audio_at() or 0) < 0.3
+
+        # Real speech interrupts: Twilio is told to clear its buffer at once.
+        speech_start = time.monotonic()
+        sending = asyncio.create_task(client.send_audio(speech_ulaw(1.2)))
+        clear_at = await client.wait_for_clear(since=speech_start, timeout=5)
+        await sending
+        barge_in_secs = clear_at - speech_start
+        print(f"barge-in: caller speech start -> clear {barge_in_secs * 1000:.0f} ms")
+        assert barge_in_secs < 1.5
+        await client.wait_for_bot_audio(min_seconds=0.2, timeout=20, since=clear_at + 0.2)
+
+        # The context keeps only the sentences that were actually played.
+        kept = [
+            m["content"]
+            for m in seen["messages"]
+            if m["role"] == "assistant" and isinstance(m.get("content"), str)
+        ][-1]
+        assert kept and LONG_REPLY.startswith(kept.strip()[:40])
+        assert "Does that sound good?" not in kept
+        assert len(kept) < len(LONG_REPLY)
+        assert metrics.sample("voice_agent_interruptions_total") >= interruptions_before + 1
+        assert metrics.sample("voice_agent_backchannels_ignored_total") >= ignored_before + 1
+        await client.hang_up()
+        row = await agent.wait_for_call_row(client.call_sid)
+        bot_turns = [t for t in row["transcript"] if t["role"] == "bot"]
+        assert any(t.get("interrupted") for t in bot_turns)
+
+
+async def test_unsigned_webhooks_and_bad_stream_tokens_are_refused(
+    crm_db: str, redis_server_url: str
+) -> None:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        form = {"CallSid": "CA" + "9" * 32, "From": MARIA, "To": "+15555550199"}
+        assert (await agent.http.post("/twilio/voice", data=form)).status_code == 403
+        bad = {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}
+        assert (await agent.http.post("/twilio/voice", data=form, headers=bad)).status_code == 403
+        # Signed for another host (a replay against a different public URL).
+        other = {"X-Twilio-Signature": sign("https://evil.example/twilio/voice", form)}
+        response = await agent.http.post("/twilio/voice", data=form, headers=other)
+        assert response.status_code == 403
+        status = {"CallSid": form["CallSid"], "CallStatus": "completed"}
+        assert (
+            await agent.http.post("/twilio/status", data=status, headers=bad)
+        ).status_code == 403
+
+        # A valid token is bound to its CallSid; a made-up or missing one is refused.
+        legit = await agent.inbound_call(MARIA, connect=False)
+        token = legit.custom_parameters["token"]
+        for params, sid in (
+            ({"token": "nope", "caller": MARIA}, "CA" + "1" * 32),
+            ({"token": token, "caller": MARIA}, "CA" + "2" * 32),  # someone else's token
+            ({"caller": MARIA}, "CA" + "3" * 32),
+        ):
+            client = TwilioMediaClient(ws_url(agent), call_sid=sid, custom_parameters=params)
+            await client.connect()
+            assert await client.wait_closed(timeout=5) == 1008
+            await client.close()
+        assert agent.stt.connections == 0 and agent.llm.requests == []
+        assert agent.query("SELECT count(*) AS n FROM calls")[0]["n"] == 0
+
+
+async def test_llm_failure_mid_call_apologises_and_transfers(
+    crm_db: str, redis_server_url: str, always_open_profile: str
+) -> None:
+    llm = FakeOpenAI([fail(500, times=3)])  # the SDK retries twice
+    async with running_agent(
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        llm=llm,
+        env={"DEALERSHIP_PROFILE": always_open_profile},
+    ) as agent:
+        agent.stt.script(["I need to book a service."])
+        client = await agent.inbound_call(MARIA)
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        end = await client.send_audio(speech_ulaw(0.8))
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20, since=end)
+        update = await wait_for_update(agent, client.call_sid)
+        assert "<Dial>" in update.form["Twiml"] and "+15555550142" in update.form["Twiml"]
+        await client.hang_up()  # Twilio ends the stream once the call is redirected
+        row = await agent.wait_for_call_row(client.call_sid)
+        assert row["outcome"] in ("failed", "transferred")
+        spoken = " ".join(agent.tts.texts)
+        assert "trouble on my side" in spoken and "service advisor" in spoken
+        # The advisor leg must not be hung up by the pipeline ending.
+        hang_ups = [
+            r
+            for r in agent.twilio.requests_to("POST", f"/Calls/{client.call_sid}.json")
+            if r.form.get("Status") == "completed"
+        ]
+        assert hang_ups == []
+
+
+async def wait_for_update(agent, call_sid: str, timeout: float = 15.0):  # noqa: ASYNC109
+    """The first REST update of ``call_sid`` that carries TwiML."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for request in agent.twilio.requests_to("POST", f"/Calls/{call_sid}.json"):
+                if "Twiml" in request.form:
+                    return request
+            await asyncio.sleep(0.05)
+
+
+async def test_transfer_redirects_the_live_call_to_the_advisor(
+    crm_db: str, redis_server_url: str, always_open_profile: str
+) -> None:
+    llm = FakeOpenAI([call_tool("transfer_to_advisor", {"reason": "caller asked for a person"})])
+    async with running_agent(
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        llm=llm,
+        env={"DEALERSHIP_PROFILE": always_open_profile},
+    ) as agent:
+        agent.stt.script(["Can I talk to a real person please?"])
+        client = await agent.inbound_call(MARIA)
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        await client.send_audio(speech_ulaw(0.8))
+        update = await wait_for_update(agent, client.call_sid)
+        twiml = update.form["Twiml"]
+        assert "<Dial" in twiml and "+15555550142" in twiml
+        # The bot said its one sentence before the redirect.
+        assert any("connect you with a service advisor" in t for t in agent.tts.texts)
+        await client.hang_up()
+        row = await agent.wait_for_call_row(client.call_sid)
+        assert row["outcome"] == "transferred"
+        assert not [
+            r
+            for r in agent.twilio.requests_to("POST", f"/Calls/{client.call_sid}.json")
+            if r.form.get("Status") == "completed"
+        ]
+
+
+async def test_outbound_call_command_posts_the_twilio_request(
+    crm_db: str, redis_server_url: str
+) -> None:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        s = agent.settings
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "DATABASE_URL": crm_db,
+            "REDIS_URL": redis_server_url,
+            "TWILIO_ACCOUNT_SID": s.twilio_account_sid,
+            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "TWILIO_PHONE_NUMBER": "+15555550199",
+            "TWILIO_API_BASE_URL": agent.twilio.base_url,
+            "PUBLIC_BASE_URL": "https://agent.example.com",
+            "LOG_LEVEL": "WARNING",
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(REPO / "runner.py"),
+            "call",
+            "+15555550101",
+            "--scenario",
+            "confirmation",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        printed = json.loads(out.decode().strip().splitlines()[-1])
+        [create] = agent.twilio.requests_to("POST", "/Calls.json")
+        assert printed["call_sid"] == agent.twilio.created[0]
+        assert printed["to"] != "+15555550101"  # masked
+        form = create.form
+        assert form["To"] == "+15555550101" and form["From"] == "+15555550199"
+        assert form["Url"] == (
+            "https://agent.example.com/twilio/outbound?scenario=confirmation&customer_id=2"
+        )
+        assert form["StatusCallback"] == "https://agent.example.com/twilio/status"
+        assert form["MachineDetection"] == "Enable"
+        assert "+15555550101" not in err.decode() + out.decode().replace(form["To"], "", 0)
+
+
+async def test_answered_outbound_call_streams_to_the_bot_or_leaves_a_voicemail(
+    crm_db: str, redis_server_url: str
+) -> None:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        path = "/twilio/outbound?scenario=confirmation&customer_id=2"
+        human = {"CallSid": "CA" + "4" * 32, "To": "+15555550101", "AnsweredBy": "human"}
+        response = await agent.post_signed(path, human)
+        assert response.status_code == 200
+        url, params = parse_stream_twiml(response.text)
+        assert url == ws_url(agent)
+        assert params["scenario"] == "confirmation" and params["customer_id"] == "2"
+        assert params["direction"] == "outbound" and params["token"]
+
+        machine = {
+            "CallSid": "CA" + "5" * 32,
+            "To": "+15555550101",
+            "AnsweredBy": "machine_end_beep",
+        }
+        response = await agent.post_signed(path, machine)
+        assert response.status_code == 200
+        assert "<Say>" in response.text and "<Hangup/>" in response.text
+        assert "5 5 5 5 5 5 0 1 9 9" in response.text  # the callback number, spoken
+        row = agent.query("SELECT outcome FROM calls WHERE call_sid = %s", (machine["CallSid"],))
+        assert row == [{"outcome": "voicemail"}]
