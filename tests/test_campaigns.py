@@ -9,6 +9,8 @@ import dataclasses
 import io
 import itertools
 import json
+import os
+import signal
 import time as time_mod
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -22,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from app import campaigns as app_campaigns
 from app.profile import DealershipProfile, ProfileError, load_profile, parse_profile
 from app.settings import DEFAULT_PROFILE, Settings
-from app.worker import due_slots, run_worker
+from app.worker import WORKER_LOCK_ID, due_slots, run_worker, worker_command
 from crm import calls as crm_calls
 from crm import campaigns as cc
 from crm.vin import make_vin
@@ -1006,3 +1008,24 @@ async def test_cli_dry_run_prints_masked_plan(migrated_db: str, redis_server_url
         )
     assert dial.customers() == [a]
     assert json.loads(out.getvalue().splitlines()[-1])["dialed"] == 0
+
+
+async def test_sigterm_stops_the_worker_command(
+    migrated_db: str, redis_server_url: str, conn
+) -> None:
+    settings = Settings(_env_file=None, DATABASE_URL=migrated_db, REDIS_URL=redis_server_url)
+    task = asyncio.create_task(worker_command(settings, dial=FakeDial()))
+    deadline = time_mod.monotonic() + 30
+    held = False
+    while not held and time_mod.monotonic() < deadline and not task.done():
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
+            (WORKER_LOCK_ID & 0xFFFFFFFF,),
+        )
+        held = (await cur.fetchone())[0] == 1
+        await asyncio.sleep(0.1)
+    assert held
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(task, 20) == 0
+    cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+    assert (await cur.fetchone())[0] == 0
