@@ -438,9 +438,20 @@ async def run_due_retries(dialer: Dialer, *, limit: int = 200) -> DialStats:
 
 
 async def housekeeping(
-    db: AsyncConnectionPool, *, profile: DealershipProfile, now: datetime | None = None
+    db: AsyncConnectionPool,
+    *,
+    profile: DealershipProfile,
+    now: datetime | None = None,
+    requeue_planned: bool = True,
 ) -> dict[str, int]:
     """Clean up after crashed runs, replay lost status callbacks, copy late bot outcomes.
+
+    Args:
+        db: Connection pool.
+        profile: Dealership profile.
+        now: The current instant.
+        requeue_planned: Requeue old never-dialed ``planned`` rows as retries; pass
+            ``False`` while a campaign run of this process is still working through its rows.
 
     Returns:
         Counts per kind of clean-up.
@@ -449,7 +460,11 @@ async def housekeeping(
     cfg = profile.campaigns
     async with db.connection() as conn:
         counts = await crm.close_stale_attempts(
-            conn, now=now, rules=call_rules(profile), stale_after=STALE_AFTER
+            conn,
+            now=now,
+            rules=call_rules(profile),
+            stale_after=STALE_AFTER,
+            requeue_planned=requeue_planned,
         )
         stuck = await crm.unfinished_calls(
             conn, dialed_before=now - timedelta(minutes=cfg.max_call_minutes * 2)

@@ -91,12 +91,18 @@ class _Lock:
             await conn.close()
 
 
+def dialing_hours(profile: DealershipProfile, now: datetime) -> bool:
+    """Whether the worker dials at ``now``: the outbound window is open, not a holiday."""
+    local = now.astimezone(profile.time_zone)
+    return local.date() not in profile.holidays and profile.outbound_window.contains(local.time())
+
+
 def due_slots(profile: DealershipProfile, now: datetime) -> list[tuple[str, str]]:
     """``(campaign, slot label)`` of today's slots whose time has come.
 
     A slot is due from its time on, once the dealership's outbound window is open (a
     slot set before the window opens runs when it does); a worker that was down at the
-    slot's time runs it late the same day.
+    slot's time runs it late the same day. Nothing runs on the profile's holidays.
 
     Args:
         profile: Dealership profile.
@@ -105,9 +111,9 @@ def due_slots(profile: DealershipProfile, now: datetime) -> list[tuple[str, str]
     Returns:
         Due slots, each campaign's in schedule order.
     """
-    local = now.astimezone(profile.time_zone)
-    if not profile.outbound_window.contains(local.time()):
+    if not dialing_hours(profile, now):
         return []
+    local = now.astimezone(profile.time_zone)
     return [
         (campaign, slot.label)
         for campaign, slots in profile.campaigns.slots.items()
@@ -232,7 +238,8 @@ async def _pass(
     for key in [k for k, task in running.items() if task.done()]:
         del running[key]
     now = dialer.now()
-    counts = await housekeeping(db, profile=profile, now=now)
+    campaign_running = any(key != "retries" for key in running)
+    counts = await housekeeping(db, profile=profile, now=now, requeue_planned=not campaign_running)
     if any(counts.values()):
         logger.info(f"campaign housekeeping: {counts}")
     local_day = now.astimezone(profile.time_zone).date()
@@ -245,8 +252,7 @@ async def _pass(
             logger.info(f"campaign {campaign}: running slot {slot} of {local_day}")
             report.runs.append((campaign, local_day.isoformat(), slot))
             running[campaign] = asyncio.create_task(run_slot(campaign, local_day, slot))
-    local_time = now.astimezone(profile.time_zone).time()
-    if "retries" not in running and profile.outbound_window.contains(local_time):
+    if "retries" not in running and dialing_hours(profile, now):
         running["retries"] = asyncio.create_task(retry_pass())
 
 

@@ -753,12 +753,18 @@ async def due_retry_ids(conn: AsyncConnection, *, now: datetime, limit: int = 50
 
 
 async def close_stale_attempts(
-    conn: AsyncConnection, *, now: datetime, rules: CallRules, stale_after: timedelta
+    conn: AsyncConnection,
+    *,
+    now: datetime,
+    rules: CallRules,
+    stale_after: timedelta,
+    requeue_planned: bool = True,
 ) -> dict[str, int]:
     """Clean up after crashed runs and expired retries.
 
     * ``planned`` rows older than ``stale_after`` were never dialed (the run died before
-      claiming them): they become ``retry_pending`` now, so a retry dials them once.
+      claiming them): they become ``retry_pending`` now, so a retry dials them once. Pass
+      ``requeue_planned=False`` while a run of this process may still be dialing them.
     * ``dialing`` rows older than ``stale_after`` without a CallSid may or may not have
       reached Twilio: they are marked failed and never dialed again.
     * ``retry_pending`` rows planned on an earlier dealership day, or whose customer has
@@ -773,9 +779,9 @@ async def close_stale_attempts(
         """
         UPDATE campaign_attempts SET status = 'retry_pending', next_attempt_at = %(now)s,
                last_error = 'run interrupted before dialing'
-        WHERE status = 'planned' AND planned_at < %(cutoff)s
+        WHERE status = 'planned' AND planned_at < %(cutoff)s AND %(requeue)s
         """,
-        params,
+        params | {"requeue": requeue_planned},
     )
     counts["requeued"] = cur.rowcount
     cur = await conn.execute(
