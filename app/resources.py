@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import httpx
 import redis.asyncio as aioredis
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
@@ -27,6 +28,43 @@ class StartupError(RuntimeError):
     """A dependency is unreachable or misconfigured; the message says what and how to fix it."""
 
 
+class SharedClients:
+    """HTTP API clients shared by every call of the process, closed at shutdown.
+
+    Pipecat's OpenAI service builds a client per service instance, that is per call, with
+    keep-alive connections that never expire; sharing one client reuses connections (and
+    their TLS sessions) across calls and leaves nothing open after a call.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._openai: Any = None
+
+    def openai(self) -> Any:
+        """The process's ``AsyncOpenAI`` client (created on first use)."""
+        if self._openai is None:
+            from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+
+            self._settings.require("OPENAI_API_KEY")
+            assert self._settings.openai_api_key is not None
+            self._openai = AsyncOpenAI(
+                api_key=self._settings.openai_api_key.get_secret_value(),
+                base_url=self._settings.openai_base_url,
+                http_client=DefaultAsyncHttpxClient(
+                    limits=httpx.Limits(
+                        max_keepalive_connections=50, max_connections=500, keepalive_expiry=60
+                    )
+                ),
+            )
+        return self._openai
+
+    async def aclose(self) -> None:
+        """Close whatever was opened."""
+        if self._openai is not None:
+            await self._openai.close()
+            self._openai = None
+
+
 @dataclass
 class AppResources:
     """Everything a request or a call needs from the process."""
@@ -38,6 +76,7 @@ class AppResources:
     database_url: str
     redis_url: str
     embedded: list[object] = field(default_factory=list)
+    clients: SharedClients | None = None
 
 
 async def retry_with_backoff(
@@ -171,7 +210,10 @@ async def open_resources(
                 "embedded server."
             ) from exc
 
+        clients = SharedClients(settings)
+        stack.push_async_callback(clients.aclose)
         yield AppResources(
+            clients=clients,
             settings=settings,
             profile=profile,
             db=pool,

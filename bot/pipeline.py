@@ -9,6 +9,7 @@ on the phone path.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -87,6 +88,25 @@ class CallOptions:
     on_worker: Callable[[PipelineWorker], Awaitable[None] | None] | None = None
 
 
+class OpenAISharedClientLLMService(OpenAILLMService):
+    """Pipecat's OpenAI LLM service on the process's shared ``AsyncOpenAI`` client.
+
+    Args:
+        client: The shared client; ``None`` falls back to Pipecat's client per service.
+        **kwargs: Passed to :class:`OpenAILLMService`.
+    """
+
+    def __init__(self, *, client: Any = None, **kwargs: Any) -> None:
+        self._shared_client = client
+        super().__init__(**kwargs)
+
+    def create_client(self, *args: Any, **kwargs: Any) -> Any:
+        """The shared client when there is one."""
+        if self._shared_client is not None:
+            return self._shared_client
+        return super().create_client(*args, **kwargs)
+
+
 def _services(resources: AppResources, system_prompt: str, sample_rate: int):
     settings = resources.settings
     settings.require("OPENAI_API_KEY", "DEEPGRAM_API_KEY")
@@ -111,7 +131,8 @@ def _services(resources: AppResources, system_prompt: str, sample_rate: int):
         encoding="linear16",
         settings=DeepgramTTSService.Settings(voice=settings.deepgram_tts_voice),
     )
-    llm = OpenAILLMService(
+    llm = OpenAISharedClientLLMService(
+        client=resources.clients.openai() if resources.clients else None,
         api_key=settings.openai_api_key.get_secret_value(),
         base_url=settings.openai_base_url,
         settings=OpenAILLMService.Settings(
@@ -253,13 +274,25 @@ async def run_call(
     )
     flow.manager = manager
 
-    @transport.event_handler("on_client_connected")
-    async def on_connected(_transport, _client) -> None:
+    tasks: set[asyncio.Task] = set()
+
+    async def start_flow() -> None:
         await manager.initialize(flow.initial_node())
         session.flow_node = manager.current_node
 
+    @transport.event_handler("on_client_connected")
+    async def on_connected(_transport, _client) -> None:
+        # Setting the first node waits until the greeting has been played. It runs as
+        # its own task so a caller hanging up during the greeting is not stuck behind it
+        # (the transport waits for its event handlers before it can shut down).
+        task = asyncio.create_task(start_flow(), name=f"flow-start-{session.call_sid}")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     @transport.event_handler("on_client_disconnected")
     async def on_disconnected(_transport, _client) -> None:
+        for task in list(tasks):
+            task.cancel()
         await worker.cancel(reason="caller disconnected")
 
     @aggregators.user().event_handler("on_user_turn_stopped")
@@ -319,6 +352,10 @@ async def run_call(
         await runner.add_workers(worker)
         await runner.run()
     finally:
+        for task in list(tasks):
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         session.turn_metrics = latency.to_json()
         await _finish(resources, session)
         metrics.call_finished(session.direction, session.outcome)

@@ -15,6 +15,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from loguru import logger
 from pipecat.serializers.twilio import TwilioFrameSerializer
+from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
@@ -34,7 +35,13 @@ def twilio_client(settings: Settings) -> Client:
     """
     settings.require("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN")
     assert settings.twilio_auth_token is not None
-    client = Client(settings.twilio_account_sid, settings.twilio_auth_token.get_secret_value())
+    # No pooled session: REST calls are rare, and a pooled session per client would keep a
+    # connection open after every transfer or hang-up.
+    client = Client(
+        settings.twilio_account_sid,
+        settings.twilio_auth_token.get_secret_value(),
+        http_client=TwilioHttpClient(pool_connections=False, timeout=15),
+    )
     if settings.twilio_api_base_url:
         client.api.base_url = settings.twilio_api_base_url.rstrip("/")
     return client

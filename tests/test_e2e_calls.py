@@ -411,3 +411,156 @@ async def test_answered_outbound_call_streams_to_the_bot_or_leaves_a_voicemail(
         assert "5 5 5 5 5 5 0 1 9 9" in response.text  # the callback number, spoken
         row = agent.query("SELECT outcome FROM calls WHERE call_sid = %s", (machine["CallSid"],))
         assert row == [{"outcome": "voicemail"}]
+
+
+def client_sockets(agent) -> dict[str, int]:
+    """Established client connections from this process to each fake."""
+    from urllib.parse import urlparse
+
+    import psutil
+
+    ports = {
+        urlparse(url).port: name
+        for name, url in (
+            ("openai", agent.llm.base_url),
+            ("twilio", agent.twilio.base_url),
+            ("stt", agent.stt.url),
+            ("tts", agent.tts.url),
+        )
+    }
+    counts = dict.fromkeys(ports.values(), 0)
+    for conn in psutil.Process().net_connections(kind="tcp"):
+        if conn.raddr and conn.raddr.port in ports and conn.status == "ESTABLISHED":
+            counts[ports[conn.raddr.port]] += 1
+    return counts
+
+
+def _open_fds() -> int:
+    import psutil
+
+    return psutil.Process().num_fds()
+
+
+async def test_twenty_calls_in_a_row_leave_nothing_behind(
+    crm_db: str, redis_server_url: str, always_open_profile: str
+) -> None:
+    """Calls that end every way (hang-up mid-greeting, after a turn, LLM failure, bot
+    goodbye) close every Deepgram socket, database connection and task they opened."""
+
+    def respond(body: dict[str, Any]):
+        said = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
+        if "broken" in said:
+            return fail(500, retryable=False)  # one failed request, no SDK retries
+        if "bye" in said:
+            return call_tool("end_call", {"reason": "done"})
+        return say("Okay, I can help with that.")
+
+    llm = FakeOpenAI([respond] * 200)
+    async with running_agent(
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        llm=llm,
+        tts=FakeDeepgramTTS(secs_per_char=0.004),
+        env={"DEALERSHIP_PROFILE": always_open_profile},
+    ) as agent:
+        resources = agent.app.state.resources
+        # One warm-up call, so lazily created process-wide things exist before counting.
+        agent.stt.script(["Just warming up."])
+        warm = await agent.inbound_call(MARIA)
+        await warm.wait_for_bot_audio(min_seconds=0.2, timeout=20)
+        await warm.wait_for_bot_silence(silence_secs=0.4, timeout=20)
+        await say_turn(warm)
+        await warm.close()
+        await agent.wait_for_call_row(warm.call_sid)
+        await asyncio.sleep(0.5)
+        tasks_before = set(asyncio.all_tasks())
+        fds_before = _open_fds()
+
+        outcomes = []
+        for i in range(20):
+            kind = i % 4
+            client = await agent.inbound_call(MARIA)
+            await client.wait_for_bot_audio(min_seconds=0.2, timeout=20)
+            if kind == 0:  # hangs up in the middle of the greeting, no stop message
+                await client._ws.close()  # an abrupt disconnect
+            elif kind == 1:  # one turn, then hangs up properly
+                agent.stt.script(["I just wanted to check something."])
+                await client.wait_for_bot_silence(silence_secs=0.4, timeout=20)
+                await say_turn(client)
+                await client.hang_up()
+            elif kind == 2:  # the LLM fails mid-call: apology and transfer
+                agent.stt.script(["This will be broken."])
+                await client.wait_for_bot_silence(silence_secs=0.4, timeout=20)
+                await client.send_audio(speech_ulaw(0.8))
+                await wait_for_update(agent, client.call_sid)
+                await client.hang_up()
+            else:  # the bot says goodbye and hangs up itself
+                agent.stt.script(["Okay, bye now."])
+                await client.wait_for_bot_silence(silence_secs=0.4, timeout=20)
+                await client.send_audio(speech_ulaw(0.8))
+                await client.wait_closed(timeout=20)
+            await client.close()
+            outcomes.append((await agent.wait_for_call_row(client.call_sid))["outcome"])
+
+        def new_tasks() -> list[str]:
+            # psycopg's pool starts its own worker tasks once, when it first grows; the
+            # fakes' own per-connection handlers are counted by client_sockets() instead.
+            names = [
+                getattr(t.get_coro(), "__qualname__", t.get_name())
+                for t in asyncio.all_tasks() - tasks_before
+                if not t.get_name().startswith("pool-") and t is not asyncio.current_task()
+            ]
+            return [n for n in names if n != "RequestHandler.start"]
+
+        def state() -> dict[str, Any]:
+            stats = resources.db.get_stats()
+            return {
+                "stt_open": agent.stt.open_connections,
+                "tts_open": agent.tts.open_connections,
+                "active_calls": len(agent.app.state.active_calls),
+                "db_checked_out": stats.get("pool_size", 0) - stats.get("pool_available", 0),
+                "extra_tasks": len(new_tasks()),
+            }
+
+        settled = dict.fromkeys(state(), 0)
+        deadline = time.monotonic() + 15
+        while state() != settled and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        assert state() == settled, (state(), new_tasks(), client_sockets(agent))
+        assert _open_fds() <= fds_before + 5
+        # The shared OpenAI client keeps at most its pooled connection; nothing per call.
+        assert client_sockets(agent) == {"openai": 1, "twilio": 0, "stt": 0, "tts": 0}
+        assert agent.stt.connections >= 21 and agent.tts.connections >= 21
+        assert outcomes.count("transferred") + outcomes.count("failed") >= 5
+        assert all(o is not None for o in outcomes)
+        active = await resources.redis.smembers("voice_agent:calls:active")
+        assert active == set()
+
+
+async def test_silent_caller_is_prompted_once_then_the_call_ends(
+    crm_db: str, redis_server_url: str
+) -> None:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        from bot.pipeline import CallOptions
+
+        agent.app.state.call_options_factory = lambda: CallOptions(user_idle_timeout=1.0)
+        client = await agent.inbound_call(MARIA)
+        await client.wait_closed(timeout=20)
+        texts = [t.strip() for t in agent.tts.texts]
+        assert texts[-2:] == [
+            "Are you still there?",
+            "I haven't heard anything, so I'll let you go. Please call back any time. Goodbye.",
+        ]
+        row = await agent.wait_for_call_row(client.call_sid)
+        assert row["outcome"] == "abandoned"
+        hang_up = agent.twilio.requests_to("POST", f"/Calls/{client.call_sid}.json")
+        assert hang_up and hang_up[-1].form.get("Status") == "completed"
+
+
+async def test_browser_client_page_is_served_on_localhost(
+    crm_db: str, redis_server_url: str
+) -> None:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        response = await agent.http.get("/client", follow_redirects=True)
+        assert response.status_code == 200
+        assert "<html" in response.text.lower()
