@@ -22,6 +22,7 @@ from pipecat.transports.websocket.fastapi import (
 from starlette.websockets import WebSocketDisconnect
 
 from app.call_session import CallSession
+from app.campaigns import record_call_outcome, record_call_status
 from app.pii import mask_phone
 from app.resources import AppResources
 from bot import twilio as tw
@@ -156,6 +157,15 @@ async def twilio_status(request: Request) -> Response:
         new = await crm_calls.record_status_callback(
             conn, call_sid=call_sid, call_status=status, sequence=sequence, payload=safe
         )
+    if new:
+        # Campaign calls: no-answer/busy schedule a retry, completed closes the attempt.
+        await record_call_status(
+            resources.db,
+            call_sid=call_sid,
+            status=status,
+            answered_by=form.get("AnsweredBy"),
+            campaign_settings=resources.profile.campaigns,
+        )
     hook = getattr(request.app.state, "on_call_status", None)
     if new and hook is not None:
         await hook(call_sid=call_sid, status=status, form=safe)
@@ -244,6 +254,13 @@ async def twilio_media(websocket: WebSocket) -> None:
     finally:
         if registry is not None:
             registry.pop(call_sid, None)
+        if session.direction == "outbound":
+            try:
+                await record_call_outcome(
+                    resources.db, call_sid=call_sid, outcome=session.outcome
+                )
+            except Exception as exc:
+                logger.error(f"call {call_sid}: campaign outcome not recorded: {exc!r}")
         hook = getattr(websocket.app.state, "on_call_finished", None)
         if hook is not None:
             await hook(session)

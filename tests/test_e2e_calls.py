@@ -15,7 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+import redis.asyncio as aioredis
 
 from app import metrics
 from app.profile import load_profile
@@ -108,6 +110,10 @@ async def test_demo_customer_books_an_oil_change(crm_db: str, redis_server_url: 
                 "No, that's all. Thanks!",
             ]
         )
+        v2v_before = metrics.sample("voice_agent_voice_to_voice_seconds_count")
+        booked_before = metrics.sample(
+            "voice_agent_calls_total", {"direction": "inbound", "outcome": "booked"}
+        )
         client = await agent.inbound_call(MARIA)
         await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
         await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
@@ -137,6 +143,32 @@ async def test_demo_customer_books_an_oil_change(crm_db: str, redis_server_url: 
         updates = agent.twilio.requests_to("POST", f"/Calls/{client.call_sid}.json")
         assert updates and updates[-1].form.get("Status") == "completed"
         assert client.bot_audio_secs() > 1.0
+        # Ops: a snapshot with the booked appointment and a TTL, no longer active.
+        redis = aioredis.Redis.from_url(redis_server_url)
+        try:
+            key = f"voice_agent:call:{client.call_sid}"
+            ttl = await redis.ttl(key)
+            assert 0 < ttl <= 24 * 3600
+            assert not await redis.sismember("voice_agent:calls:active", client.call_sid)
+        finally:
+            await redis.aclose()
+        admin = {"Authorization": "Bearer e2e-admin"}
+        assert (await agent.http.get(f"/calls/{client.call_sid}")).status_code == 401
+        snapshot = (await agent.http.get(f"/calls/{client.call_sid}", headers=admin)).json()
+        assert snapshot["appointment_ids"] == [booked["id"]]
+        assert snapshot["verified_customer_id"] == 1
+        # Metrics: one voice-to-voice observation per measured turn; the call counted.
+        turns = row["turn_metrics"]
+        assert len(turns) >= 3
+        assert metrics.sample("voice_agent_voice_to_voice_seconds_count") == v2v_before + len(
+            [t for t in turns if t.get("voice_to_voice_secs") is not None]
+        )
+        assert (
+            metrics.sample("voice_agent_calls_total", {"direction": "inbound", "outcome": "booked"})
+            == booked_before + 1
+        )
+        exposition = (await agent.http.get("/metrics")).text
+        assert "voice_agent_voice_to_voice_seconds_bucket" in exposition
         # The call ends with a spoken goodbye before the hang-up.
         assert agent.tts.texts[-1].strip() == "Thank you for calling Riverside Motors. Goodbye!"
 
@@ -564,3 +596,29 @@ async def test_browser_client_page_is_served_on_localhost(
         response = await agent.http.get("/client", follow_redirects=True)
         assert response.status_code == 200
         assert "<html" in response.text.lower()
+
+
+async def test_status_callbacks_drive_campaign_retries(crm_db: str, redis_server_url: str) -> None:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        sid = "CA" + "6" * 32
+        with psycopg.connect(crm_db, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO campaign_attempts (campaign, customer_id, local_date, reason, "
+                "status, attempt_count, call_sid, dialed_at) VALUES ('service_due', 1, "
+                "current_date, 'due by date', 'dialing', 1, %s, now())",
+                (sid,),
+            )
+        form = {"CallSid": sid, "CallStatus": "no-answer", "SequenceNumber": "3"}
+        for _ in range(2):  # Twilio retries callbacks: the second is a no-op
+            response = await agent.post_signed("/twilio/status", form)
+            assert response.status_code == 204
+        [attempt] = agent.query(
+            "SELECT status, outcome, next_attempt_at > now() AS later FROM campaign_attempts "
+            "WHERE call_sid = %s",
+            (sid,),
+        )
+        assert attempt == {"status": "retry_pending", "outcome": "no_answer", "later": True}
+        events = agent.query(
+            "SELECT count(*) AS n FROM call_status_events WHERE call_sid = %s", (sid,)
+        )
+        assert events == [{"n": 1}]
