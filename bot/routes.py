@@ -256,9 +256,7 @@ async def twilio_media(websocket: WebSocket) -> None:
             registry.pop(call_sid, None)
         if session.direction == "outbound":
             try:
-                await record_call_outcome(
-                    resources.db, call_sid=call_sid, outcome=session.outcome
-                )
+                await record_call_outcome(resources.db, call_sid=call_sid, outcome=session.outcome)
             except Exception as exc:
                 logger.error(f"call {call_sid}: campaign outcome not recorded: {exc!r}")
         hook = getattr(websocket.app.state, "on_call_finished", None)
