@@ -100,6 +100,29 @@ class Agent:
             await client.connect()
         return client
 
+    async def answered_outbound_call(
+        self, *, to: str, scenario: str, customer_id: int, call_sid: str | None = None
+    ) -> TwilioMediaClient:
+        """An outbound call a person answered: Twilio fetches /twilio/outbound, then streams."""
+        call_sid = call_sid or new_sid("CA")
+        path = f"/twilio/outbound?scenario={scenario}&customer_id={customer_id}"
+        form = {
+            "CallSid": call_sid,
+            "AccountSid": ACCOUNT_SID,
+            "To": to,
+            "From": "+15555550199",
+            "AnsweredBy": "human",
+        }
+        response = await self.post_signed(path, form)
+        assert response.status_code == 200, response.text
+        url, params = parse_stream_twiml(response.text)
+        client = TwilioMediaClient(
+            url, call_sid=call_sid, account_sid=ACCOUNT_SID, custom_parameters=params
+        )
+        self.clients.append(client)
+        await client.connect()
+        return client
+
     def query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         """Rows of a query against the agent's database."""
         with psycopg.connect(self.database_url, row_factory=dict_row) as conn:

@@ -622,3 +622,68 @@ async def test_status_callbacks_drive_campaign_retries(crm_db: str, redis_server
             "SELECT count(*) AS n FROM call_status_events WHERE call_sid = %s", (sid,)
         )
         assert events == [{"n": 1}]
+
+
+async def test_outbound_confirmation_call_confirms_the_appointment(
+    crm_db: str, redis_server_url: str
+) -> None:
+    def confirm_first(body: dict[str, Any]):
+        [appointment] = last_tool_result(body, "list_appointments")["appointments"]
+        return call_tool("confirm_appointment", {"appointment_id": appointment["appointment_id"]})
+
+    llm = FakeOpenAI(
+        [
+            say("Great. To make sure it's you, what's your date of birth?"),
+            call_tool("verify_customer", {"date_of_birth": "1979-09-30"}),
+            call_tool("list_appointments", {}),
+            say("You have a tire rotation tomorrow morning. Will you make it?"),
+            confirm_first,
+            say("You're confirmed. See you then!"),
+        ]
+    )
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.stt.script(
+            ["Yes, this is James.", "September thirtieth, 1979.", "Yes, I'll be there."]
+        )
+        client = await agent.answered_outbound_call(
+            to="+15555550101", scenario="confirmation", customer_id=2
+        )
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        assert agent.tts.texts[0].startswith("Hi, this is the AI assistant from Riverside Motors")
+        assert "James" in agent.tts.texts[0]
+        for _ in range(3):
+            await say_turn(client)
+        await client.hang_up()
+        row = await agent.wait_for_call_row(client.call_sid)
+        assert row["direction"] == "outbound" and row["scenario"] == "confirmation"
+        assert row["outcome"] == "confirmed"
+        [appointment] = agent.query(
+            "SELECT status, confirmed_at IS NOT NULL AS confirmed FROM appointments "
+            "WHERE customer_id = 2"
+        )
+        assert appointment == {"status": "confirmed", "confirmed": True}
+        # The outbound prompt was used.
+        system = agent.llm.requests[0]["messages"][0]
+        assert system["role"] == "system" and "confirm" in system["content"].lower()
+
+
+async def test_stop_calling_me_sets_do_not_call(crm_db: str, redis_server_url: str) -> None:
+    llm = FakeOpenAI([call_tool("opt_out", {})])
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.stt.script(["Please stop calling me."])
+        client = await agent.answered_outbound_call(
+            to="+15555550100", scenario="service_due", customer_id=1
+        )
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        await client.send_audio(speech_ulaw(0.8))
+        await client.wait_closed(timeout=20)
+        assert (
+            agent.tts.texts[-1].strip() == "Understood. We won't call you again. Have a good day."
+        )
+        row = await agent.wait_for_call_row(client.call_sid)
+        assert row["outcome"] == "opted_out"
+        assert agent.query("SELECT do_not_call, call_consent FROM customers WHERE id = 1") == [
+            {"do_not_call": True, "call_consent": False}
+        ]
