@@ -201,6 +201,18 @@ def _short_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+#: Attempts of one Google call when it fails transiently, and the first backoff.
+RETRY_ATTEMPTS = 3
+RETRY_FIRST_DELAY_S = 0.2
+_TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, HttpError):
+        return exc.resp.status in _TRANSIENT_STATUSES
+    return isinstance(exc, ConnectionError)
+
+
 def _is_gone(exc: BaseException) -> bool:
     return isinstance(exc, HttpError) and exc.resp.status in _GONE
 
@@ -276,11 +288,30 @@ class GoogleCalendar:
     def _tz_name(self) -> str:
         return self._profile.time_zone.key
 
-    async def _call(self, fn: Callable[[GcsaCalendar], T], *, limit_s: float | None = None) -> T:
-        """Run a blocking gcsa call in a worker thread with this thread's client."""
-        return await asyncio.wait_for(
-            asyncio.to_thread(lambda: fn(self._clients.get())), limit_s or self._timeout
-        )
+    async def _call(
+        self,
+        fn: Callable[[GcsaCalendar], T],
+        *,
+        limit_s: float | None = None,
+        attempts: int = RETRY_ATTEMPTS,
+    ) -> T:
+        """Run a blocking gcsa call in a worker thread with this thread's client.
+
+        Transient failures (HTTP 429/5xx, connection errors) are retried with exponential
+        backoff; a timeout is not, since the request may still complete at Google.
+        """
+        delay = RETRY_FIRST_DELAY_S
+        for attempt in range(1, attempts + 1):
+            try:
+                return await asyncio.wait_for(
+                    asyncio.to_thread(lambda: fn(self._clients.get())), limit_s or self._timeout
+                )
+            except Exception as exc:
+                if attempt == attempts or not _is_transient(exc):
+                    raise
+                await asyncio.sleep(delay)
+                delay *= 3
+        raise AssertionError("unreachable")
 
     def _failed(self, operation: str, exc: BaseException) -> str:
         error = _short_error(exc)
@@ -307,6 +338,7 @@ class GoogleCalendar:
             free_busy = await self._call(
                 lambda c: c.get_free_busy(time_min=start, time_max=end, timezone=self._tz_name),
                 limit_s=self._busy_timeout,
+                attempts=1,  # a caller is waiting: no retries on the voice path
             )
             ranges = list(free_busy)
         except Exception as exc:

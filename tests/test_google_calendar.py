@@ -279,9 +279,10 @@ async def test_google_error_leaves_failed_then_sync_pending_catches_up(
 ) -> None:
     errors_before = sample("voice_agent_calendar_errors_total", {"operation": "sync"})
     row = await book(pool, owner)
-    fake_api.fail("insert", 500)
+    fake_api.fail("insert", 500, times=3)  # every retry of the call fails
 
     await calendar.appointment_changed(row, first_name="Maria", vehicle=VEHICLE)  # no raise
+    assert fake_api.count("insert") == 3
 
     assert fake_api.live_events(CALENDAR_ID) == []
     assert await sync_row(pool, row.id) == {
@@ -561,3 +562,27 @@ async def test_tools_book_while_google_is_down(
     fake_api.clear_failures()
     assert await sync_pending(pool, calendar, min_age=timedelta(0)) == 1
     assert len(fake_api.live_events(CALENDAR_ID)) == 1
+
+
+async def test_a_transient_google_error_is_retried_with_backoff(
+    calendar, fake_api, pool, owner
+) -> None:
+    row = await book(pool, owner)
+    fake_api.fail("insert", 503)  # once
+
+    await calendar.appointment_changed(row, first_name="Maria", vehicle=VEHICLE)
+
+    [event] = fake_api.live_events(CALENDAR_ID)
+    assert (await sync_row(pool, row.id))["state"] == "synced"
+    assert (await sync_row(pool, row.id))["event_id"] == event["id"]
+    assert fake_api.count("insert") == 2
+
+
+async def test_a_client_error_is_not_retried(calendar, fake_api, pool, owner) -> None:
+    row = await book(pool, owner)
+    fake_api.fail("insert", 400, times=None)
+
+    await calendar.appointment_changed(row, first_name="Maria", vehicle=VEHICLE)
+
+    assert fake_api.count("insert") == 1
+    assert (await sync_row(pool, row.id))["state"] == "failed"
