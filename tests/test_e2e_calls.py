@@ -687,3 +687,40 @@ async def test_stop_calling_me_sets_do_not_call(crm_db: str, redis_server_url: s
         assert agent.query("SELECT do_not_call, call_consent FROM customers WHERE id = 1") == [
             {"do_not_call": True, "call_consent": False}
         ]
+
+
+def recorded_word_ulaw() -> bytes:
+    """A real recorded word (the one speech recording shipped inside pipecat), as 8 kHz
+    mu-law phone audio."""
+    import wave
+
+    import numpy as np
+    import pipecat
+
+    from tests.fakes.audio import pcm16_to_ulaw
+
+    path = Path(pipecat.__file__).parent / "services" / "aws" / "nova_sonic" / "ready.wav"
+    with wave.open(str(path)) as wav:
+        assert wav.getframerate() == 16000 and wav.getnchannels() == 1
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16).astype(np.int32)
+    phone = ((pcm[0::2][: len(pcm) // 2] + pcm[1::2][: len(pcm) // 2]) // 2).astype(np.int16)
+    return pcm16_to_ulaw(phone.tobytes())
+
+
+async def test_recorded_speech_gets_a_reply_without_dead_air(
+    crm_db: str, redis_server_url: str
+) -> None:
+    """Smart-turn on real recorded speech: complete or not, the bot answers within the
+    phone-tuned wait (1.2 s), never the stock 3 s."""
+    llm = FakeOpenAI([say("Great, let's get started.")])
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.stt.script(["Ready."])
+        client = await agent.inbound_call(MARIA)
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        end = await client.send_audio(recorded_word_ulaw())
+        await client.wait_for_bot_audio(min_seconds=0.2, timeout=10, since=end)
+        reply_after = client.first_bot_audio_after(end) - end
+        print(f"recorded word: bot audio {reply_after * 1000:.0f} ms after the caller's last frame")
+        assert reply_after < 2.0
+        await client.hang_up()
