@@ -34,9 +34,13 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def configure_logging(level: str) -> None:
-    """Send loguru output to stderr at ``level``."""
+    """Send loguru output to stderr at ``level``.
+
+    Tracebacks are logged without variable values (``diagnose=False``): those would put
+    tool arguments such as dates of birth and phone numbers into the log.
+    """
     logger.remove()
-    logger.add(sys.stderr, level=level)
+    logger.add(sys.stderr, level=level, diagnose=False, backtrace=False)
 
 
 def admin_guard(settings: Settings):

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+from loguru import logger
 
 from app import metrics
 from app.profile import load_profile
@@ -101,6 +102,8 @@ async def test_demo_customer_books_an_oil_change(crm_db: str, redis_server_url: 
             call_tool("end_call", {"reason": "caller is done"}),
         ]
     )
+    log_lines: list[str] = []
+    sink = logger.add(log_lines.append, level="INFO", diagnose=False)
     async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
         agent.stt.script(
             [
@@ -169,6 +172,14 @@ async def test_demo_customer_books_an_oil_change(crm_db: str, redis_server_url: 
         )
         exposition = (await agent.http.get("/metrics")).text
         assert "voice_agent_voice_to_voice_seconds_bucket" in exposition
+        # No PII in the log at the production level: number, name, DOB, VIN.
+        logger.remove(sink)
+        log_text = "".join(log_lines)
+        assert "call " in log_text and "+1***" in log_text
+        for secret in ("+15555550100", "5555550100", "Maria", "Garcia", "1985-04-12"):
+            assert secret not in log_text, secret
+        vin = agent.query("SELECT vin FROM vehicles WHERE id = 1")[0]["vin"]
+        assert vin not in log_text and vin[-4:] + " " not in log_text
         # The call ends with a spoken goodbye before the hang-up.
         assert agent.tts.texts[-1].strip() == "Thank you for calling Riverside Motors. Goodbye!"
 
