@@ -56,9 +56,7 @@ from tools.customers import identify_caller
 from tools.handoff import is_open
 
 PHONE_SAMPLE_RATE = 8000
-APOLOGY_TRANSFER = (
-    "I'm sorry, I'm having trouble on my side right now. Let me connect you with a service advisor."
-)
+APOLOGY_TRANSFER = "I'm sorry, I'm having trouble on my side right now."
 APOLOGY_CALLBACK = (
     "I'm sorry, I'm having trouble on my side right now, and our advisors are away. "
     "I've asked one to call you back when we open. Goodbye."
@@ -321,14 +319,19 @@ async def run_call(
 
     @worker.event_handler("on_pipeline_error")
     async def on_error(_worker, frame) -> None:
+        # Any service error mid-call (LLM, STT or TTS socket, database): the caller hears
+        # an apology and goes to a person. Pipecat's Deepgram STT says it will reconnect
+        # after a dropped socket, but that is not guaranteed to happen in time, and a
+        # caller who cannot be heard must not be left talking to nobody.
         if state["failed"]:
             return
         state["failed"] = True
         logger.error(f"call {session.call_sid}: service failure: {frame.error}")
         session.outcome = "failed"
         if is_open(profile, clock()):
-            await manager.set_node_from_config(flow.transfer_node())
+            # The apology first, then the transfer node's own sentence and the redirect.
             await worker.queue_frame(TTSSpeakFrame(APOLOGY_TRANSFER))
+            await manager.set_node_from_config(flow.transfer_node())
         else:
             async with resources.db.connection() as conn:
                 await crm_calls.add_callback_request(

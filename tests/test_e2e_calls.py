@@ -735,3 +735,66 @@ async def test_recorded_speech_gets_a_reply_without_dead_air(
         print(f"recorded word: bot audio {reply_after * 1000:.0f} ms after the caller's last frame")
         assert reply_after < 2.0
         await client.hang_up()
+
+
+async def test_speech_recognition_dropping_mid_call_apologises_and_transfers(
+    crm_db: str, redis_server_url: str, always_open_profile: str
+) -> None:
+    llm = FakeOpenAI([say("Sure, I can help with that.")])
+    async with running_agent(
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        llm=llm,
+        env={"DEALERSHIP_PROFILE": always_open_profile},
+    ) as agent:
+        agent.stt.script(["Hello, I have a question."])
+        client = await agent.inbound_call(MARIA)
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        await say_turn(client)
+        for session in list(agent.stt._sessions):  # Deepgram drops the socket
+            await session.ws.close(code=1011)
+        update = await wait_for_update(agent, client.call_sid)
+        assert "+15555550142" in update.form["Twiml"]
+        spoken = [t.strip() for t in agent.tts.texts]
+        apology = spoken.index("I'm sorry, I'm having trouble on my side right now.")
+        transfer = next(i for i, t in enumerate(spoken) if "connect you with a service" in t)
+        assert apology < transfer
+        await client.hang_up()
+        row = await agent.wait_for_call_row(client.call_sid)
+        assert row["outcome"] == "transferred"
+
+
+async def test_failure_after_hours_takes_a_callback_request_and_ends(
+    crm_db: str, redis_server_url: str, tmp_path
+) -> None:
+    from datetime import timedelta
+
+    today = datetime.now(PROFILE.time_zone).date()
+    holidays = ", ".join(f'"{today + timedelta(days=d)}"' for d in (-1, 0, 1))
+    text = DEFAULT_PROFILE.read_text()
+    start = text.index("holidays = [")
+    end = text.index("]", start) + 1
+    closed = tmp_path / "closed.toml"  # the service department is closed today
+    closed.write_text(text[:start] + f"holidays = [{holidays}]" + text[end:])
+    llm = FakeOpenAI([fail(500, retryable=False)])
+    async with running_agent(
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        llm=llm,
+        env={"DEALERSHIP_PROFILE": str(closed)},
+    ) as agent:
+        agent.stt.script(["I need to book a service."])
+        client = await agent.inbound_call(MARIA)
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        await client.send_audio(speech_ulaw(0.8))
+        await client.wait_closed(timeout=20)  # the bot apologises and hangs up
+        assert "asked one to call you back" in agent.tts.texts[-1]
+        row = await agent.wait_for_call_row(client.call_sid)
+        assert row["outcome"] == "callback_requested"
+        requests = agent.query(
+            "SELECT customer_id, reason FROM callback_requests WHERE call_sid = %s",
+            (client.call_sid,),
+        )
+        assert requests == [{"customer_id": 1, "reason": "service failure during call"}]
