@@ -412,3 +412,17 @@ async def test_closed_profile_hours_respected(pool, redis_client, crm_data) -> N
     result = await run_tool(ctx, "check_availability", {"service_type": "oil_change"})
     assert result["slots"]
     assert all(s["when"].startswith("Saturday") for s in result["slots"])
+
+
+async def test_database_down_mid_call_gives_a_sentence_not_a_traceback(
+    migrated_db, redis_client
+) -> None:
+    pool = AsyncConnectionPool(migrated_db, min_size=1, max_size=2, open=False, timeout=1.0)
+    await pool.open()
+    ctx = make_ctx(pool, redis_client, ANA_PHONE)
+    await pool.close()  # Postgres went away
+    result = await run_tool(ctx, "check_availability", {"service_type": "oil_change"})
+    assert result["ok"] is False and result["error"] == "internal"
+    assert "transfer you to a service advisor" in result["say"]
+    looked_up = await run_tool(ctx, "lookup_customer", {"phone": BEN_PHONE})
+    assert looked_up["ok"] is False and "say" in looked_up
