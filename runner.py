@@ -178,14 +178,26 @@ async def _serve_async(settings: Settings) -> None:
     # from inside the ASGI lifespan; they are closed (embedded servers stopped) on every
     # way out, Ctrl-C and SIGTERM included (uvicorn turns both into a graceful exit).
     async with open_resources(settings) as resources:
-        config = uvicorn.Config(
-            create_app(settings, resources=resources),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level.lower(),
-            ws_max_size=call_routes.MAX_MEDIA_MESSAGE_BYTES,
-        )
+        config = uvicorn_config(create_app(settings, resources=resources), settings)
         await uvicorn.Server(config).serve()
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
+    """The uvicorn configuration the server runs with (tests use the same).
+
+    Websocket messages are capped at :data:`bot.routes.MAX_MEDIA_MESSAGE_BYTES`: Twilio's
+    media messages are well under 1 KiB, anything much larger is not Twilio.
+    """
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        ws_max_size=call_routes.MAX_MEDIA_MESSAGE_BYTES,
+        lifespan="on",
+    )
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

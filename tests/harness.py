@@ -23,7 +23,7 @@ from psycopg.rows import dict_row
 from twilio.request_validator import RequestValidator
 
 from app.settings import Settings
-from runner import create_app
+from runner import create_app, uvicorn_config
 from tests.fakes.deepgram_stt import FakeDeepgramSTT
 from tests.fakes.deepgram_tts import FakeDeepgramTTS
 from tests.fakes.openai_chat import FakeOpenAI
@@ -185,14 +185,13 @@ async def running_agent(
             TWILIO_API_BASE_URL=twilio.base_url,
             PUBLIC_BASE_URL=base_url,
             ADMIN_TOKEN="e2e-admin",
+            LOG_LEVEL="WARNING",
             HOST="127.0.0.1",
             PORT=port,
             **(env or {}),
         )
         app = create_app(settings)
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-        )
+        server = uvicorn.Server(uvicorn_config(app, settings))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         task = asyncio.create_task(server.serve())
         async with asyncio.timeout(60):

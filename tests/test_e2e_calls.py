@@ -798,3 +798,16 @@ async def test_failure_after_hours_takes_a_callback_request_and_ends(
             (client.call_sid,),
         )
         assert requests == [{"customer_id": 1, "reason": "service failure during call"}]
+
+
+async def test_oversized_media_messages_are_refused(crm_db: str, redis_server_url: str) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        async with connect(ws_url(agent), max_size=2**22) as ws:
+            await ws.send(json.dumps({"event": "connected", "padding": "x" * 20_000}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        assert agent.stt.connections == 0
