@@ -57,12 +57,14 @@ def last_tool_result(body: dict[str, Any], name: str) -> dict[str, Any]:
     raise AssertionError(f"no {name} result in the request: {body['messages']}")
 
 
-async def say_turn(client, seconds: float = 0.8, *, expect_reply: bool = True) -> float:
+async def say_turn(
+    client, seconds: float = 0.8, *, expect_reply: bool = True, min_reply_secs: float = 0.2
+) -> float:
     """The caller speaks (the STT fake transcribes it from its script) and, by default,
     waits for the bot's whole reply. Returns the time the caller's last frame was sent."""
     end = await client.send_audio(speech_ulaw(seconds))
     if expect_reply:
-        await client.wait_for_bot_audio(min_seconds=0.2, timeout=20, since=end)
+        await client.wait_for_bot_audio(min_seconds=min_reply_secs, timeout=20, since=end)
         await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
     return end
 
@@ -512,7 +514,7 @@ async def test_twenty_calls_in_a_row_leave_nothing_behind(
         warm = await agent.inbound_call(MARIA)
         await warm.wait_for_bot_audio(min_seconds=0.2, timeout=20)
         await warm.wait_for_bot_silence(silence_secs=0.4, timeout=20)
-        await say_turn(warm)
+        await say_turn(warm, min_reply_secs=0.05)
         await warm.close()
         await agent.wait_for_call_row(warm.call_sid)
         await asyncio.sleep(0.5)
@@ -529,7 +531,7 @@ async def test_twenty_calls_in_a_row_leave_nothing_behind(
             elif kind == 1:  # one turn, then hangs up properly
                 agent.stt.script(["I just wanted to check something."])
                 await client.wait_for_bot_silence(silence_secs=0.4, timeout=20)
-                await say_turn(client)
+                await say_turn(client, min_reply_secs=0.05)  # a fast talker in this test
                 await client.hang_up()
             elif kind == 2:  # the LLM fails mid-call: apology and transfer
                 agent.stt.script(["This will be broken."])
