@@ -178,3 +178,18 @@ def test_startup_names_an_unreachable_database(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Postgres is unreachable" in output and "DATABASE_URL" in output
     assert "Traceback" not in output
+
+
+async def test_calls_are_refused_with_the_missing_keys_named(
+    migrated_db: str, redis_server_url: str
+) -> None:
+    settings = Settings(_env_file=None, DATABASE_URL=migrated_db, REDIS_URL=redis_server_url)
+    app: FastAPI = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/twilio/voice", data={"CallSid": "CA1"})
+            assert response.status_code == 503
+            for name in ("OPENAI_API_KEY", "DEEPGRAM_API_KEY", "TWILIO_AUTH_TOKEN"):
+                assert name in response.text
+            assert (await client.get("/health")).status_code == 200
