@@ -14,7 +14,7 @@ import hmac
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -84,7 +84,9 @@ def create_app(
             )
             await _on_started(settings, app.state.resources)
             if settings.google_calendar_enabled:
-                stack.enter_context(_background(_calendar_catch_up(app.state.resources)))
+                await stack.enter_async_context(
+                    _background(_calendar_catch_up(app.state.resources))
+                )
             yield
 
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
@@ -153,14 +155,17 @@ async def _on_started(settings: Settings, resources: AppResources) -> None:
     logger.info(f"Serving {resources.profile.name} on http://{settings.host}:{settings.port}")
 
 
-@contextlib.contextmanager
-def _background(coro: Any) -> Iterator[asyncio.Task]:
-    """Run ``coro`` as a task for the duration of the block, cancelled on exit."""
+@contextlib.asynccontextmanager
+async def _background(coro: Any) -> AsyncIterator[asyncio.Task]:
+    """Run ``coro`` as a task for the duration of the block; cancelled and awaited on exit,
+    before the resources it uses are closed."""
     task = asyncio.create_task(coro)
     try:
         yield task
     finally:
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _calendar_catch_up(resources: AppResources) -> None:
@@ -289,12 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     call_cmd.add_argument(
         "--scenario", choices=("service-due", "confirmation"), default="service-due"
     )
-    # --- outbound campaigns (app/campaigns.py, app/worker.py) ---
     from app.campaigns import add_campaign_arguments
 
     add_campaign_arguments(sub.add_parser("campaign", help="plan (--dry-run) or run a campaign"))
     sub.add_parser("worker", help="run scheduled campaigns and retries until SIGTERM")
-    # --- end outbound campaigns ---
     args = parser.parse_args(argv)
 
     try:
@@ -309,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_call(settings, number=args.number, scenario=args.scenario))
     if args.command == "tools":
         return asyncio.run(_tools_console(settings, caller=args.caller, now=args.now))
-    # --- outbound campaigns ---
     if args.command == "campaign":
         from app.campaigns import cli_main
 
@@ -318,7 +320,6 @@ def main(argv: list[str] | None = None) -> int:
         from app.worker import worker_main
 
         return worker_main(settings=settings)
-    # --- end outbound campaigns ---
     parser.error(f"unknown command {args.command}")
     return 2
 

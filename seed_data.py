@@ -804,23 +804,11 @@ class _Builder:
             )
             vehicle_ids = []
             for v in demo.vehicles:
-                model = next(
-                    (m for m in CATALOGUE if m.make == v.make and m.model == v.model), CATALOGUE[0]
-                )
+                model = next(m for m in CATALOGUE if (m.make, m.model) == (v.make, v.model))
                 vehicle_ids.append(
                     self.add_vehicle(
                         customer_id=cid,
-                        model=Model(
-                            v.make,
-                            v.model,
-                            model.wmi,
-                            model.vds,
-                            (v.trim,),
-                            model.engines,
-                            model.first_year,
-                            model.warranty_years,
-                            model.warranty_miles,
-                        ),
+                        model=model,
                         year=v.year,
                         trim=v.trim,
                         vin=v.vin,

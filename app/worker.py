@@ -209,7 +209,7 @@ async def run_worker(
                         retry_pass=retry_pass,
                     )
                 except (psycopg.Error, OSError) as exc:
-                    logger.warning(f"campaign worker pass failed: {type(exc).__name__}: {exc}")
+                    logger.warning(f"campaign worker pass failed: {type(exc).__name__}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=poll_seconds)
         logger.info(f"campaign worker stopping; waiting for {len(running)} task(s) in flight")

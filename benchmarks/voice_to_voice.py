@@ -45,67 +45,13 @@ from seed_data import seed  # noqa: E402
 from tests.fakes.audio import speech_ulaw  # noqa: E402
 from tests.fakes.deepgram_stt import FakeDeepgramSTT  # noqa: E402
 from tests.fakes.deepgram_tts import FakeDeepgramTTS  # noqa: E402
-from tests.fakes.openai_chat import FakeOpenAI, call_tool, say  # noqa: E402
-from tests.harness import running_agent  # noqa: E402
+from tests.fakes.openai_chat import FakeOpenAI  # noqa: E402
+from tests.harness import BOOKING_UTTERANCES, booking_script, running_agent  # noqa: E402
 
 PROFILES = {
     "zero": {"stt_final": 0.0, "llm_first_token": 0.0, "tts_first_byte": 0.0},
     "cloud": {"stt_final": 0.15, "llm_first_token": 0.35, "tts_first_byte": 0.15},
 }
-
-
-def _last_result(body: dict[str, Any], name: str) -> dict[str, Any]:
-    ids = {
-        c["id"]: c["function"]["name"]
-        for m in body["messages"]
-        for c in (m.get("tool_calls") or [])
-    }
-    for m in reversed(body["messages"]):
-        if m.get("role") == "tool" and ids.get(m.get("tool_call_id")) == name:
-            return json.loads(m["content"])
-    raise RuntimeError(f"no {name} result")
-
-
-def booking_script() -> list[Any]:
-    def offer(body):
-        slots = _last_result(body, "check_availability")["slots"]
-        return say(f"I have {slots[0]['when']} or {slots[1]['when']}. Which works?")
-
-    def book(body):
-        slot = _last_result(body, "check_availability")["slots"][0]
-        vehicle = _last_result(body, "get_vehicle_history")["vehicles"][0]
-        return call_tool(
-            "book_appointment",
-            {
-                "slot_id": slot["slot_id"],
-                "vehicle_id": vehicle["vehicle_id"],
-                "service_type": "oil_change",
-                "transportation": "waiter",
-            },
-        )
-
-    def read_back(body):
-        code = _last_result(body, "book_appointment")["confirmation_code_spoken"]
-        return say(f"You're all set. Your confirmation code is {code}. Anything else?")
-
-    return [
-        say("I can help with that. Can you confirm your date of birth?"),
-        call_tool("verify_customer", {"date_of_birth": "1985-04-12"}),
-        call_tool("get_vehicle_history", {}),
-        call_tool("check_availability", {"service_type": "oil_change"}),
-        offer,
-        book,
-        read_back,
-        call_tool("end_call", {"reason": "done"}),
-    ]
-
-
-UTTERANCES = [
-    "Hi, I need an oil change for my Camry.",
-    "April twelfth, nineteen eighty-five.",
-    "The first one, I'll wait there.",
-    "No, that's all. Thanks!",
-]
 
 
 async def one_call(database_url: str, redis_url: str, delays: dict[str, float]) -> dict:
@@ -115,14 +61,14 @@ async def one_call(database_url: str, redis_url: str, delays: dict[str, float]) 
     async with running_agent(
         database_url=database_url, redis_url=redis_url, stt=stt, tts=tts, llm=llm
     ) as agent:
-        stt.script(UTTERANCES)
+        stt.script(BOOKING_UTTERANCES)
         client = await agent.inbound_call("+15555550100")
         await client.wait_for_bot_audio(min_seconds=0.3, timeout=30)
         await client.wait_for_bot_silence(silence_secs=0.5, timeout=30)
         phone_v2v = []
-        for index in range(len(UTTERANCES)):
+        for index in range(len(BOOKING_UTTERANCES)):
             end = await client.send_audio(speech_ulaw(0.8))
-            if index == len(UTTERANCES) - 1:
+            if index == len(BOOKING_UTTERANCES) - 1:
                 await client.wait_for_bot_audio(min_seconds=0.1, timeout=30, since=end)
                 phone_v2v.append(client.first_bot_audio_after(end) - end)
                 break

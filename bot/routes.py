@@ -258,7 +258,9 @@ async def twilio_media(websocket: WebSocket) -> None:
             try:
                 await record_call_outcome(resources.db, call_sid=call_sid, outcome=session.outcome)
             except Exception as exc:
-                logger.error(f"call {call_sid}: campaign outcome not recorded: {exc!r}")
+                logger.error(
+                    f"call {call_sid}: campaign outcome not recorded: {type(exc).__name__}"
+                )
         hook = getattr(websocket.app.state, "on_call_finished", None)
         if hook is not None:
             await hook(session)

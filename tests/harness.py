@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from app.settings import Settings
 from runner import create_app, uvicorn_config
 from tests.fakes.deepgram_stt import FakeDeepgramSTT
 from tests.fakes.deepgram_tts import FakeDeepgramTTS
-from tests.fakes.openai_chat import FakeOpenAI
+from tests.fakes.openai_chat import FakeOpenAI, Step, call_tool, say
 from tests.fakes.twilio_media import TwilioMediaClient, new_sid
 from tests.fakes.twilio_rest import FakeTwilioREST
 
@@ -52,6 +53,65 @@ def parse_stream_twiml(twiml: str) -> tuple[str, dict[str, str]]:
     assert url, twiml
     params = dict(re.findall(r'<Parameter name="([^"]+)" value="([^"]*)"', twiml))
     return unescape(url.group(1)), {k: unescape(v) for k, v in params.items()}
+
+
+def last_tool_result(body: dict[str, Any], name: str) -> dict[str, Any]:
+    """The latest result of tool ``name`` in an OpenAI request's messages."""
+    calls = {}
+    for message in body["messages"]:
+        for call in message.get("tool_calls") or []:
+            calls[call["id"]] = call["function"]["name"]
+    for message in reversed(body["messages"]):
+        if message.get("role") == "tool" and calls.get(message.get("tool_call_id")) == name:
+            content = message["content"]
+            return json.loads(content) if isinstance(content, str) else content
+    raise AssertionError(f"no {name} result in the request: {body['messages']}")
+
+
+#: What demo customer Maria says in the scripted booking call, one item per utterance.
+BOOKING_UTTERANCES = [
+    "Hi, I need an oil change for my Camry.",
+    "April twelfth, nineteen eighty-five.",
+    "The first one, I'll wait there.",
+    "No, that's all. Thanks!",
+]
+
+
+def booking_script() -> list[Step]:
+    """The LLM side of the scripted booking call: verify, look up the vehicle, offer two
+    slots, book the first, read back the confirmation code, end the call."""
+
+    def offer_slots(body: dict[str, Any]) -> Step:
+        slots = last_tool_result(body, "check_availability")["slots"]
+        return say(f"I have {slots[0]['when']} or {slots[1]['when']}. Which works?")
+
+    def book_first(body: dict[str, Any]) -> Step:
+        slot = last_tool_result(body, "check_availability")["slots"][0]
+        vehicle = last_tool_result(body, "get_vehicle_history")["vehicles"][0]
+        return call_tool(
+            "book_appointment",
+            {
+                "slot_id": slot["slot_id"],
+                "vehicle_id": vehicle["vehicle_id"],
+                "service_type": "oil_change",
+                "transportation": "waiter",
+            },
+        )
+
+    def read_back(body: dict[str, Any]) -> Step:
+        code = last_tool_result(body, "book_appointment")["confirmation_code_spoken"]
+        return say(f"You're all set. Your confirmation code is {code}. Anything else?")
+
+    return [
+        say("I can help with that. Can you confirm your date of birth?"),
+        call_tool("verify_customer", {"date_of_birth": "1985-04-12"}),
+        call_tool("get_vehicle_history", {}),
+        call_tool("check_availability", {"service_type": "oil_change"}),
+        offer_slots,
+        book_first,
+        read_back,
+        call_tool("end_call", {"reason": "caller is done"}),
+    ]
 
 
 @dataclass
@@ -122,6 +182,14 @@ class Agent:
         self.clients.append(client)
         await client.connect()
         return client
+
+    def call_updates(self, call_sid: str) -> list[Any]:
+        """REST updates of a live call (``POST .../Calls/{sid}.json``), in order."""
+        return self.twilio.requests_to("POST", f"/Calls/{call_sid}.json")
+
+    def hang_ups(self, call_sid: str) -> list[Any]:
+        """REST updates that hung the call up (``Status=completed``)."""
+        return [r for r in self.call_updates(call_sid) if r.form.get("Status") == "completed"]
 
     def query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         """Rows of a query against the agent's database."""

@@ -28,7 +28,15 @@ from tests.fakes.audio import speech_ulaw
 from tests.fakes.deepgram_tts import FakeDeepgramTTS
 from tests.fakes.openai_chat import FakeOpenAI, call_tool, fail, say
 from tests.fakes.twilio_media import TwilioMediaClient
-from tests.harness import AUTH_TOKEN, parse_stream_twiml, running_agent, sign
+from tests.harness import (
+    AUTH_TOKEN,
+    BOOKING_UTTERANCES,
+    booking_script,
+    last_tool_result,
+    parse_stream_twiml,
+    running_agent,
+    sign,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,19 +52,6 @@ async def crm_db(migrated_db: str) -> str:
     return migrated_db
 
 
-def last_tool_result(body: dict[str, Any], name: str) -> dict[str, Any]:
-    """The latest result of tool ``name`` in an OpenAI request's messages."""
-    calls = {}
-    for message in body["messages"]:
-        for call in message.get("tool_calls") or []:
-            calls[call["id"]] = call["function"]["name"]
-    for message in reversed(body["messages"]):
-        if message.get("role") == "tool" and calls.get(message.get("tool_call_id")) == name:
-            content = message["content"]
-            return json.loads(content) if isinstance(content, str) else content
-    raise AssertionError(f"no {name} result in the request: {body['messages']}")
-
-
 async def say_turn(
     client, seconds: float = 0.8, *, expect_reply: bool = True, min_reply_secs: float = 0.2
 ) -> float:
@@ -70,51 +65,11 @@ async def say_turn(
 
 
 async def test_demo_customer_books_an_oil_change(crm_db: str, redis_server_url: str) -> None:
-    def offer_slots(body: dict[str, Any]):
-        slots = last_tool_result(body, "check_availability")["slots"]
-        return say(f"I have {slots[0]['when']} or {slots[1]['when']}. Which works?")
-
-    def book_first(body: dict[str, Any]):
-        slot = last_tool_result(body, "check_availability")["slots"][0]
-        vehicle = last_tool_result(body, "get_vehicle_history")["vehicles"][0]
-        return call_tool(
-            "book_appointment",
-            {
-                "slot_id": slot["slot_id"],
-                "vehicle_id": vehicle["vehicle_id"],
-                "service_type": "oil_change",
-                "transportation": "waiter",
-            },
-        )
-
-    def read_back(body: dict[str, Any]):
-        booked = last_tool_result(body, "book_appointment")
-        code = booked["confirmation_code_spoken"]
-        return say(f"You're all set. Your confirmation code is {code}. Anything else?")
-
-    llm = FakeOpenAI(
-        [
-            say("I can help with that. Can you confirm your date of birth?"),
-            call_tool("verify_customer", {"date_of_birth": "1985-04-12"}),
-            call_tool("get_vehicle_history", {}),
-            call_tool("check_availability", {"service_type": "oil_change"}),
-            offer_slots,
-            book_first,
-            read_back,
-            call_tool("end_call", {"reason": "caller is done"}),
-        ]
-    )
+    llm = FakeOpenAI(booking_script())
     log_lines: list[str] = []
     sink = logger.add(log_lines.append, level="INFO", diagnose=False)
     async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
-        agent.stt.script(
-            [
-                "Hi, I need an oil change for my Camry.",
-                "April twelfth, nineteen eighty-five.",
-                "The first one, I'll wait there.",
-                "No, that's all. Thanks!",
-            ]
-        )
+        agent.stt.script(BOOKING_UTTERANCES)
         v2v_before = metrics.sample("voice_agent_voice_to_voice_seconds_count")
         booked_before = metrics.sample(
             "voice_agent_calls_total", {"direction": "inbound", "outcome": "booked"}
@@ -145,7 +100,7 @@ async def test_demo_customer_books_an_oil_change(crm_db: str, redis_server_url: 
         assert row["verified"] is True and row["customer_id"] == 1
         assert row["appointment_ids"] == [booked["id"]]
         # The bot hung up through Twilio REST when the conversation ended.
-        updates = agent.twilio.requests_to("POST", f"/Calls/{client.call_sid}.json")
+        updates = agent.call_updates(client.call_sid)
         assert updates and updates[-1].form.get("Status") == "completed"
         assert client.bot_audio_secs() > 1.0
         # Ops: a snapshot with the booked appointment and a TTL, no longer active.
@@ -341,19 +296,14 @@ async def test_llm_failure_mid_call_apologises_and_transfers(
         spoken = " ".join(agent.tts.texts)
         assert "trouble on my side" in spoken and "service advisor" in spoken
         # The advisor leg must not be hung up by the pipeline ending.
-        hang_ups = [
-            r
-            for r in agent.twilio.requests_to("POST", f"/Calls/{client.call_sid}.json")
-            if r.form.get("Status") == "completed"
-        ]
-        assert hang_ups == []
+        assert agent.hang_ups(client.call_sid) == []
 
 
 async def wait_for_update(agent, call_sid: str, timeout: float = 15.0):  # noqa: ASYNC109
     """The first REST update of ``call_sid`` that carries TwiML."""
     async with asyncio.timeout(timeout):
         while True:
-            for request in agent.twilio.requests_to("POST", f"/Calls/{call_sid}.json"):
+            for request in agent.call_updates(call_sid):
                 if "Twiml" in request.form:
                     return request
             await asyncio.sleep(0.05)
@@ -382,11 +332,7 @@ async def test_transfer_redirects_the_live_call_to_the_advisor(
         await client.hang_up()
         row = await agent.wait_for_call_row(client.call_sid)
         assert row["outcome"] == "transferred"
-        assert not [
-            r
-            for r in agent.twilio.requests_to("POST", f"/Calls/{client.call_sid}.json")
-            if r.form.get("Status") == "completed"
-        ]
+        assert agent.hang_ups(client.call_sid) == []
 
 
 async def test_outbound_call_command_posts_the_twilio_request(
@@ -598,7 +544,7 @@ async def test_silent_caller_is_prompted_once_then_the_call_ends(
         ]
         row = await agent.wait_for_call_row(client.call_sid)
         assert row["outcome"] == "abandoned"
-        hang_up = agent.twilio.requests_to("POST", f"/Calls/{client.call_sid}.json")
+        hang_up = agent.call_updates(client.call_sid)
         assert hang_up and hang_up[-1].form.get("Status") == "completed"
 
 
