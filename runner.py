@@ -21,13 +21,13 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
 
-from app.metrics import render_metrics
-from app.pii import mask_phone
-from app.profile import ProfileError, load_profile
-from app.resources import AppResources, StartupError, check_database, check_redis, open_resources
-from app.settings import Settings, get_settings
-from bot import routes as call_routes
+from api import telephony as call_routes
 from bot.turn_models import load_turn_models
+from core.metrics import render_metrics
+from core.pii import mask_phone
+from core.profile import ProfileError, load_profile
+from core.resources import AppResources, StartupError, check_database, check_redis, open_resources
+from core.settings import Settings, get_settings
 from processors.session_snapshot import SnapshotStore
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -93,7 +93,7 @@ def create_app(
     app.state.active_calls = {}
     app.include_router(call_routes.router)
     if settings.host in LOOPBACK_HOSTS:
-        from bot.webrtc import mount_client
+        from api.webrtc import mount_client
 
         mount_client(app)
 
@@ -190,7 +190,7 @@ async def _serve_async(settings: Settings) -> None:
 def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
     """The uvicorn configuration the server runs with (tests use the same).
 
-    Websocket messages are capped at :data:`bot.routes.MAX_MEDIA_MESSAGE_BYTES`: Twilio's
+    Websocket messages are capped at :data:`api.telephony.MAX_MEDIA_MESSAGE_BYTES`: Twilio's
     media messages are well under 1 KiB, anything much larger is not Twilio.
     """
     import uvicorn
@@ -243,9 +243,9 @@ async def _tools_console(settings: Settings, *, caller: str, now: str | None) ->
 
 
 async def _call(settings: Settings, *, number: str, scenario: str) -> int:
-    from app.settings import MissingSettingError
-    from bot.twilio import place_outbound_call
+    from core.settings import MissingSettingError
     from crm.customers import find_by_phone
+    from telephony.twilio import place_outbound_call
     from tools.customers import normalize_phone
 
     to = normalize_phone(number)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     call_cmd.add_argument(
         "--scenario", choices=("service-due", "confirmation"), default="service-due"
     )
-    from app.campaigns import add_campaign_arguments
+    from campaigns.dialer import add_campaign_arguments
 
     add_campaign_arguments(sub.add_parser("campaign", help="plan (--dry-run) or run a campaign"))
     sub.add_parser("worker", help="run scheduled campaigns and retries until SIGTERM")
@@ -313,11 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tools":
         return asyncio.run(_tools_console(settings, caller=args.caller, now=args.now))
     if args.command == "campaign":
-        from app.campaigns import cli_main
+        from campaigns.dialer import cli_main
 
         return cli_main(args, settings=settings)
     if args.command == "worker":
-        from app.worker import worker_main
+        from campaigns.worker import worker_main
 
         return worker_main(settings=settings)
     parser.error(f"unknown command {args.command}")

@@ -31,9 +31,9 @@ from psycopg_pool import AsyncConnectionPool
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.campaigns import plan_campaign  # noqa: E402
-from app.profile import DealershipProfile, load_profile  # noqa: E402
-from app.settings import DEFAULT_PROFILE  # noqa: E402
+from campaigns.dialer import plan_campaign  # noqa: E402
+from core.profile import DealershipProfile, load_profile  # noqa: E402
+from core.settings import DEFAULT_PROFILE  # noqa: E402
 from crm.migrate import apply_migrations  # noqa: E402
 
 BUDGET_S = 10.0

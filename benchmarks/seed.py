@@ -31,7 +31,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from seed_data import seed  # noqa: E402
+from seeding import seed  # noqa: E402
 
 BUDGET_S = 60.0
 
@@ -74,7 +74,7 @@ async def main() -> int:
     server = None
     tmp = None
     if not admin_url:
-        from app.embedded import EmbeddedPostgres
+        from core.embedded import EmbeddedPostgres
 
         tmp = tempfile.TemporaryDirectory(prefix="va-bench-")
         server = EmbeddedPostgres()

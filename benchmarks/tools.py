@@ -58,11 +58,11 @@ from psycopg_pool import AsyncConnectionPool
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.call_session import CallSession  # noqa: E402
-from app.profile import DealershipProfile, load_profile  # noqa: E402
-from app.settings import DEFAULT_PROFILE  # noqa: E402
+from core.profile import DealershipProfile, load_profile  # noqa: E402
+from core.settings import DEFAULT_PROFILE  # noqa: E402
 from scheduling.calendar import PostgresCalendar  # noqa: E402
-from seed_data import seed  # noqa: E402
+from seeding import seed  # noqa: E402
+from tools.context import CallSession  # noqa: E402
 from tools.customers import identify_caller  # noqa: E402
 from tools.registry import ToolContext, run_tool  # noqa: E402
 

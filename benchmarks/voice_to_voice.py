@@ -39,9 +39,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.profile import load_profile  # noqa: E402
-from app.settings import DEFAULT_PROFILE  # noqa: E402
-from seed_data import seed  # noqa: E402
+from core.profile import load_profile  # noqa: E402
+from core.settings import DEFAULT_PROFILE  # noqa: E402
+from seeding import seed  # noqa: E402
 from tests.fakes.audio import speech_ulaw  # noqa: E402
 from tests.fakes.deepgram_stt import FakeDeepgramSTT  # noqa: E402
 from tests.fakes.deepgram_tts import FakeDeepgramTTS  # noqa: E402
@@ -90,14 +90,14 @@ async def main() -> int:
     stack: list[Any] = []
     tmp = tempfile.TemporaryDirectory(prefix="va-v2v-")
     if not admin_url:
-        from app.embedded import EmbeddedPostgres
+        from core.embedded import EmbeddedPostgres
 
         pg = EmbeddedPostgres()
         await pg.astart(Path(tmp.name) / "pg")
         stack.append(pg.astop)
         admin_url = pg.url
     if not redis_url:
-        from app.embedded import EmbeddedRedis
+        from core.embedded import EmbeddedRedis
 
         rd = EmbeddedRedis()
         await rd.astart(Path(tmp.name) / "redis")

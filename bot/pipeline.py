@@ -35,13 +35,12 @@ from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 
-from app import metrics
-from app.call_session import CallSession
-from app.pii import mask_phone
-from app.resources import AppResources
 from bot.flows import CallFlow
 from bot.prompts import greeting, render_system_prompt
 from bot.turn_models import new_turn_analyzer, new_vad_analyzer
+from core import metrics
+from core.pii import mask_phone
+from core.resources import AppResources
 from crm import calls as crm_calls
 from processors.barge_in import BargeInUserTurnStartStrategy
 from processors.latency import LatencyObserver
@@ -52,6 +51,7 @@ from processors.session_snapshot import (
 )
 from processors.spoken_text import SpokenTextAligner
 from tools.console import make_tool_context
+from tools.context import CallSession
 from tools.customers import identify_caller
 from tools.handoff import is_open
 

@@ -55,7 +55,7 @@ from pipecat.frames.frames import (
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_start.base_user_turn_start_strategy import BaseUserTurnStartStrategy
 
-from app.metrics import BACKCHANNELS_IGNORED_TOTAL, INTERRUPTIONS_TOTAL
+from core.metrics import BACKCHANNELS_IGNORED_TOTAL, INTERRUPTIONS_TOTAL
 
 DEFAULT_BACKCHANNELS: tuple[str, ...] = (
     "uh-huh",

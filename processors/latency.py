@@ -48,7 +48,7 @@ from pipecat.observers.base_observer import FramePushed
 from pipecat.observers.user_bot_latency_observer import LatencyBreakdown, UserBotLatencyObserver
 from pipecat.processors.frame_processor import FrameDirection
 
-from app.metrics import (
+from core.metrics import (
     LLM_TTFT_SECONDS,
     STT_SECONDS,
     TOOL_ERRORS_TOTAL,

@@ -44,7 +44,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from app.metrics import SNAPSHOT_FAILURES_TOTAL
+from core.metrics import SNAPSHOT_FAILURES_TOTAL
 
 KEY_PREFIX = "voice_agent"
 DEFAULT_TTL_SECS = 24 * 3600
@@ -146,7 +146,7 @@ def _s(value: bytes | str) -> str:
 
 
 def session_snapshot(session: Any, latency: Any | None = None, *, last_turns: int = 6) -> dict:
-    """Snapshot dict of a :class:`~app.call_session.CallSession`-like object.
+    """Snapshot dict of a :class:`~tools.context.CallSession`-like object.
 
     Args:
         session: The call session (``flow_node``, ``customer_id``, ``verified``,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from app.profile import DealershipProfile, Service
+from core.profile import DealershipProfile, Service
 
 PARTS_OF_DAY: dict[str, tuple[time, time]] = {
     "morning": (time(0, 0), time(12, 0)),

@@ -47,14 +47,14 @@ from loguru import logger
 from prometheus_client import Counter
 from psycopg.rows import dict_row
 
-from app.metrics import REGISTRY
+from core.metrics import REGISTRY
 from crm.appointments import AppointmentRow, set_calendar_sync
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
-    from app.profile import DealershipProfile
-    from app.settings import Settings
+    from core.profile import DealershipProfile
+    from core.settings import Settings
 
 T = TypeVar("T")
 

@@ -29,7 +29,7 @@ def postgres_server_url() -> Iterator[str]:
         os.environ["TEST_ADMIN_DATABASE_URL"] = url
         yield url
         return
-    from app.embedded import EmbeddedPostgres
+    from core.embedded import EmbeddedPostgres
 
     with tempfile.TemporaryDirectory(prefix="va-pg-") as tmp:
         server = EmbeddedPostgres()
@@ -48,7 +48,7 @@ def redis_server_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from app.embedded import EmbeddedRedis
+    from core.embedded import EmbeddedRedis
 
     with tempfile.TemporaryDirectory(prefix="va-rd-") as tmp:
         server = EmbeddedRedis()

@@ -23,7 +23,7 @@ import uvicorn
 from psycopg.rows import dict_row
 from twilio.request_validator import RequestValidator
 
-from app.settings import Settings
+from core.settings import Settings
 from runner import create_app, uvicorn_config
 from tests.fakes.deepgram_stt import FakeDeepgramSTT
 from tests.fakes.deepgram_tts import FakeDeepgramTTS

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, date, datetime, time, timedelta
 
-from app.profile import TimeRange, load_profile
-from app.settings import DEFAULT_PROFILE
+from core.profile import TimeRange, load_profile
+from core.settings import DEFAULT_PROFILE
 from scheduling.availability import candidate_slots, local_to_aware, pick_spread, speakable
 
 PROFILE = load_profile(DEFAULT_PROFILE)

@@ -38,7 +38,7 @@ from pipecat.transports.base_transport import TransportParams
 from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
-from app.metrics import sample
+from core.metrics import sample
 from processors.barge_in import BackchannelClassifier, BargeInUserTurnStartStrategy
 
 

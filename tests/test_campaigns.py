@@ -21,10 +21,10 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from app import campaigns as app_campaigns
-from app.profile import DealershipProfile, ProfileError, load_profile, parse_profile
-from app.settings import DEFAULT_PROFILE, Settings
-from app.worker import WORKER_LOCK_ID, due_slots, run_worker, worker_command
+from campaigns import dialer as app_campaigns
+from campaigns.worker import WORKER_LOCK_ID, due_slots, run_worker, worker_command
+from core.profile import DealershipProfile, ProfileError, load_profile, parse_profile
+from core.settings import DEFAULT_PROFILE, Settings
 from crm import calls as crm_calls
 from crm import campaigns as cc
 from crm.vin import make_vin
@@ -508,7 +508,7 @@ async def test_scheduled_slot_runs_once(conn) -> None:
     assert await cc.claim_run(conn, campaign="service_due", local_date=day, slot="16:00")
 
 
-# --- running campaigns (app.campaigns, app.worker) -------------------------------------
+# --- running campaigns (campaigns.dialer, campaigns.worker) -------------------------------------
 
 
 def make_profile(**campaign_settings) -> DealershipProfile:

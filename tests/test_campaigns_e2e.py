@@ -11,7 +11,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from seed_data import seed
+from seeding import seed
 from tests.harness import AUTH_TOKEN, running_agent
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from seed_data import seed
+from seeding import seed
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = "2026-11-30T09:00:00-06:00"  # a Monday morning, dealership time

@@ -20,10 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 from loguru import logger
 
-from app import metrics
-from app.profile import load_profile
-from app.settings import DEFAULT_PROFILE
-from seed_data import seed
+from core import metrics
+from core.profile import load_profile
+from core.settings import DEFAULT_PROFILE
+from seeding import seed
 from tests.fakes.audio import speech_ulaw
 from tests.fakes.deepgram_tts import FakeDeepgramTTS
 from tests.fakes.openai_chat import FakeOpenAI, call_tool, fail, say

@@ -45,8 +45,8 @@ from twilio.base.exceptions import TwilioRestException
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from app.settings import Settings
-from bot.twilio import twilio_client
+from core.settings import Settings
+from telephony.twilio import twilio_client
 from tests.fakes._util import wait_until
 from tests.fakes.audio import (
     alaw_to_pcm16,
@@ -195,7 +195,7 @@ def _settings(base_url: str, token: str = AUTH_TOKEN) -> Settings:
 
 
 async def test_twilio_rest_fake_with_bot_twilio_client() -> None:
-    """bot.twilio.twilio_client creates and updates calls on the fake."""
+    """telephony.twilio.twilio_client creates and updates calls on the fake."""
     async with FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN) as fake:
         client = twilio_client(_settings(fake.base_url))
         call = await asyncio.to_thread(

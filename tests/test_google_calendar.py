@@ -18,9 +18,9 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from psycopg_pool import AsyncConnectionPool
 
-from app.metrics import sample
-from app.profile import load_profile
-from app.settings import DEFAULT_PROFILE, Settings
+from core.metrics import sample
+from core.profile import load_profile
+from core.settings import DEFAULT_PROFILE, Settings
 from crm import appointments as crm_appointments
 from crm.vin import make_vin
 from scheduling.google_calendar import (
@@ -479,7 +479,7 @@ NOW = datetime(2026, 11, 30, 9, 0, tzinfo=TZ)
 
 
 async def tool_ctx(pool, redis_client, calendar: GoogleCalendar):
-    from app.call_session import CallSession
+    from tools.context import CallSession
     from tools.customers import identify_caller
     from tools.registry import ToolContext, run_tool
 

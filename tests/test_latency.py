@@ -22,7 +22,7 @@ from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
-from app.metrics import call_finished, call_started, render_metrics, sample
+from core.metrics import call_finished, call_started, render_metrics, sample
 from processors.latency import LatencyObserver, TurnLatency
 
 HISTOGRAMS = (

@@ -7,8 +7,8 @@ from datetime import date, time
 
 import pytest
 
-from app.profile import ProfileError, load_profile, parse_profile
-from app.settings import DEFAULT_PROFILE
+from core.profile import ProfileError, load_profile, parse_profile
+from core.settings import DEFAULT_PROFILE
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from crm.vin import is_valid_vin
-from seed_data import DEMO_CUSTOMERS, SeedError, seed
+from seeding import DEMO_CUSTOMERS, SeedError, seed
 from tests.conftest_db import create_database, database_url, drop_database
 
 ANCHOR = date(2026, 11, 30)

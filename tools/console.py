@@ -14,9 +14,9 @@ import uuid
 from datetime import datetime
 from typing import TextIO
 
-from app.call_session import CallSession
-from app.resources import AppResources
+from core.resources import AppResources
 from scheduling.calendar import Calendar, PostgresCalendar
+from tools.context import CallSession
 from tools.customers import identify_caller
 from tools.registry import ToolContext, run_tool
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from loguru import logger
 
-from app.pii import mask_phone
+from core.pii import mask_phone
 from crm import customers as crm_customers
 from tools.registry import ToolContext, ToolRefusal, tool
 

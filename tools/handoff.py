@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from app.profile import DealershipProfile
+from core.profile import DealershipProfile
 from crm import calls as crm_calls
 from tools.registry import ToolContext, tool
 

@@ -21,8 +21,8 @@ from typing import Any
 from loguru import logger
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 
-from app.call_session import CallSession
-from app.profile import DealershipProfile
+from core.profile import DealershipProfile
+from tools.context import CallSession
 
 ToolFn = Callable[..., Awaitable[dict[str, Any]]]
 

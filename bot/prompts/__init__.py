@@ -11,8 +11,8 @@ from datetime import datetime
 from importlib import resources
 from string import Template
 
-from app.call_session import CallSession
-from app.profile import WEEKDAYS, DealershipProfile
+from core.profile import WEEKDAYS, DealershipProfile
+from tools.context import CallSession
 
 SCENARIOS = ("inbound", "service_due", "confirmation")
 

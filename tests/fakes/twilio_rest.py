@@ -1,7 +1,7 @@
 """A local fake of the Twilio REST Calls API (2010-04-01) on 127.0.0.1.
 
 Point the twilio SDK at it with ``client.api.base_url = fake.base_url`` (what
-``bot.twilio.twilio_client`` does with ``TWILIO_API_BASE_URL``), and Pipecat's
+``telephony.twilio.twilio_client`` does with ``TWILIO_API_BASE_URL``), and Pipecat's
 ``TwilioFrameSerializer`` with ``base_url=fake.base_url``.
 """
 

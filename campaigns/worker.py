@@ -25,9 +25,9 @@ import psycopg
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from app.campaigns import Dialer, DialFn, DialStats, housekeeping, run_campaign, run_due_retries
-from app.profile import DealershipProfile
-from app.settings import Settings
+from campaigns.dialer import Dialer, DialFn, DialStats, housekeeping, run_campaign, run_due_retries
+from core.profile import DealershipProfile
+from core.settings import Settings
 from crm import campaigns as crm
 
 #: Advisory lock key of the dialing worker ("vamc").
@@ -141,7 +141,7 @@ async def run_worker(
         conninfo: Connection string for the lock's dedicated connection.
         profile: Dealership profile (schedule, windows, retry and rate settings).
         settings: Settings handed to ``dial``.
-        dial: Places one call (default ``bot.twilio.place_outbound_call``).
+        dial: Places one call (default ``telephony.twilio.place_outbound_call``).
         stop: Set it to stop the worker (SIGTERM does, under :func:`worker_main`).
         poll_seconds: Pause between passes, and between tries for the lock.
         clock: Returns the current instant (tests); real time by default.
@@ -266,9 +266,9 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
     Returns:
         Process exit code.
     """
-    from app.profile import ProfileError
-    from app.resources import StartupError, open_resources
-    from app.settings import MissingSettingError
+    from core.profile import ProfileError
+    from core.resources import StartupError, open_resources
+    from core.settings import MissingSettingError
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -303,6 +303,6 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
 
 def worker_main(*, settings: Settings | None = None) -> int:
     """Entry point of ``runner.py worker``; settings from the environment when omitted."""
-    from app.settings import get_settings
+    from core.settings import get_settings
 
     return asyncio.run(worker_command(settings or get_settings()))

@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from app.profile import DealershipProfile, load_profile
-from app.settings import Settings
+from core.profile import DealershipProfile, load_profile
+from core.settings import Settings
 
 T = TypeVar("T")
 
@@ -143,7 +143,7 @@ async def open_resources(
     Raises:
         StartupError: A dependency is unreachable; the message names it and the fix.
     """
-    from app.embedded import EmbeddedPostgres, EmbeddedRedis
+    from core.embedded import EmbeddedPostgres, EmbeddedRedis
 
     profile = load_profile(settings.dealership_profile)
     embedded: list[object] = []

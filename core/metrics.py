@@ -6,7 +6,7 @@ tests and the ``GET /metrics`` route see exactly the voice agent's metrics.
 Example::
 
     from fastapi import Response
-    from app.metrics import render_metrics
+    from core.metrics import render_metrics
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -21,13 +21,13 @@ from pipecat.transports.websocket.fastapi import (
 )
 from starlette.websockets import WebSocketDisconnect
 
-from app.call_session import CallSession
-from app.campaigns import record_call_outcome, record_call_status
-from app.pii import mask_phone
-from app.resources import AppResources
-from bot import twilio as tw
 from bot.pipeline import run_call
+from campaigns.dialer import record_call_outcome, record_call_status
+from core.pii import mask_phone
+from core.resources import AppResources
 from crm import calls as crm_calls
+from telephony import twilio as tw
+from tools.context import CallSession
 
 router = APIRouter()
 WS_POLICY_VIOLATION = 1008

@@ -27,8 +27,8 @@ from pipecat.transports.smallwebrtc.request_handler import (
 )
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 
-from app.call_session import CallSession
 from bot.pipeline import CallOptions, run_call
+from tools.context import CallSession
 
 BROWSER_SAMPLE_RATE = 16000
 DEFAULT_DEMO_CALLER = "+15555550100"

@@ -1,7 +1,7 @@
 """Outbound campaigns: plan, dial with bounded concurrency and rate, follow call outcomes.
 
 ``runner.py campaign service-due|confirmations`` (:func:`cli_main`) plans a campaign and,
-unless ``--dry-run``, dials it. The worker (``app/worker.py``) runs the same code on the
+unless ``--dry-run``, dials it. The worker (``campaigns/worker.py``) runs the same code on the
 profile's schedule, plus due retries.
 
 Never twice: planning inserts one attempt row per (campaign, customer, dealership day)
@@ -27,10 +27,11 @@ from typing import Any, Protocol
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from app.pii import mask_phone
-from app.profile import CampaignSettings, DealershipProfile
-from app.settings import Settings
+from core.pii import mask_phone
+from core.profile import CampaignSettings, DealershipProfile
+from core.settings import Settings
 from crm import campaigns as crm
+from telephony.twilio import place_outbound_call
 
 #: Wait before looking again at an attempt that could not be claimed (window closed...).
 DEFER_MINUTES = 15
@@ -50,7 +51,10 @@ CALL_OUTCOMES = {
 
 
 class DialFn(Protocol):
-    """Places one outbound call and returns its CallSid (``bot.twilio.place_outbound_call``)."""
+    """Places one outbound call and returns its CallSid.
+
+    See ``telephony.twilio.place_outbound_call``.
+    """
 
     def __call__(
         self,
@@ -61,25 +65,6 @@ class DialFn(Protocol):
         customer_id: int | None,
         campaign_attempt_id: int | None = None,
     ) -> Awaitable[str]: ...
-
-
-async def _twilio_dial(
-    settings: Settings,
-    *,
-    to: str,
-    scenario: str,
-    customer_id: int | None,
-    campaign_attempt_id: int | None = None,
-) -> str:
-    from bot.twilio import place_outbound_call
-
-    return await place_outbound_call(
-        settings,
-        to=to,
-        scenario=scenario,
-        customer_id=customer_id,
-        campaign_attempt_id=campaign_attempt_id,
-    )
 
 
 def call_rules(profile: DealershipProfile) -> crm.CallRules:
@@ -182,7 +167,7 @@ class Dialer:
         db: Connection pool.
         profile: Dealership profile.
         settings: Settings handed to ``dial``.
-        dial: Places a call; ``bot.twilio.place_outbound_call`` by default.
+        dial: Places a call; ``telephony.twilio.place_outbound_call`` by default.
         max_concurrent: Overrides the profile's ``campaigns.max_concurrent``.
         calls_per_second: Overrides the profile's ``campaigns.calls_per_second``.
         hold_calls: Keep a call's slot until the call ends.
@@ -210,7 +195,7 @@ class Dialer:
         self.db = db
         self.profile = profile
         self.settings = settings
-        self.dial = dial or _twilio_dial
+        self.dial = dial or place_outbound_call
         self.rules = call_rules(profile)
         self.cfg: CampaignSettings = profile.campaigns
         self.max_concurrent = max_concurrent or self.cfg.max_concurrent
@@ -389,7 +374,7 @@ async def run_campaign(
         now: The current instant; defaults to the clock.
         limit: At most this many calls.
         max_concurrent: Calls in flight at once (default: the profile's).
-        dial: Places one call (default ``bot.twilio.place_outbound_call``); tests pass a fake.
+        dial: Places one call (default ``telephony.twilio.place_outbound_call``); tests pass a fake.
         dialer: A shared dialer (the worker's); built from the arguments above when omitted.
         hold_calls: Keep a call's concurrency slot until the call ends.
 
@@ -614,9 +599,9 @@ async def campaign_command(
     Returns:
         Process exit code.
     """
-    from app.profile import ProfileError
-    from app.resources import StartupError, open_resources
-    from app.settings import MissingSettingError
+    from core.profile import ProfileError
+    from core.resources import StartupError, open_resources
+    from core.settings import MissingSettingError
 
     campaign = CLI_CAMPAIGNS[args.campaign]
     try:
@@ -673,6 +658,6 @@ def cli_main(args: argparse.Namespace, *, settings: Settings | None = None) -> i
     Returns:
         Process exit code.
     """
-    from app.settings import get_settings
+    from core.settings import get_settings
 
     return asyncio.run(campaign_command(settings or get_settings(), args))

@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PROFILE = REPO_ROOT / "app" / "dealership.example.toml"
+DEFAULT_PROFILE = REPO_ROOT / "core" / "dealership.example.toml"
 
 
 class MissingSettingError(RuntimeError):

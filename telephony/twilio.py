@@ -19,7 +19,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from app.settings import Settings
+from core.settings import Settings
 
 STREAM_TOKEN_TTL_SECS = 120
 

@@ -1,0 +1,3 @@
+"""Configuration and process infrastructure: settings, dealership profile, resources (pool,
+Redis), embedded servers, metrics, PII masking.
+"""

@@ -1,0 +1,91 @@
+"""Bulk load of CRM rows with ``COPY`` (the mock-data seed; explicit ids)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+
+class CrmNotEmptyError(RuntimeError):
+    """The database already holds customers and a reset was not asked for."""
+
+
+@dataclass(frozen=True)
+class CrmRows:
+    """Rows for each CRM table (tuples in the order of the ``*_COLUMNS`` constants)."""
+
+    customers: Sequence[tuple[Any, ...]]
+    vehicles: Sequence[tuple[Any, ...]]
+    appointments: Sequence[tuple[Any, ...]]
+    history: Sequence[tuple[Any, ...]]
+
+
+CUSTOMER_COLUMNS = (
+    "id, first_name, last_name, phone, alt_phone, email, address_line1, city, state, zip_code, "
+    "date_of_birth, preferred_language, preferred_contact_method, call_consent, sms_consent, "
+    "marketing_consent, do_not_call, verification_failed_attempts, verification_locked_until, "
+    "last_verified_at, customer_since, time_zone"
+)
+VEHICLE_COLUMNS = (
+    "id, customer_id, vin, year, make, model, trim, engine, colour, plate, current_mileage, "
+    "mileage_read_at, warranty_end_date, warranty_end_miles, last_service_date, "
+    "last_service_mileage, next_service_due_date, next_service_due_mileage, open_recall_codes"
+)
+APPOINTMENT_COLUMNS = (
+    "id, customer_id, vehicle_id, service_codes, status, starts_at, ends_at, bay_id, advisor, "
+    "transportation, loaner_reserved, source, confirmation_code, confirmed_at, cancelled_at, "
+    "cancel_reason, created_at"
+)
+HISTORY_COLUMNS = (
+    "id, vehicle_id, appointment_id, service_date, mileage, services_performed, technician, "
+    "advisor, labour_hours, parts, labour_cost, parts_cost, total_cost, warranty, notes"
+)
+CRM_TABLES = ("customers", "vehicles", "appointments", "service_history")
+
+
+def load_crm(conninfo: str, rows: CrmRows, *, reset: bool) -> None:
+    """COPY the rows in one transaction, then move each id sequence past them.
+
+    Blocking: run it in a thread.
+
+    Args:
+        conninfo: Postgres connection string of a migrated database.
+        rows: The rows of each CRM table, in the column order of ``*_COLUMNS``.
+        reset: Replace the existing CRM rows; otherwise a CRM with customers is refused.
+
+    Raises:
+        CrmNotEmptyError: The CRM already has customers and ``reset`` is false.
+    """
+    with psycopg.connect(conninfo) as conn:
+        with conn.transaction():
+            if reset:
+                conn.execute(
+                    "TRUNCATE customers, vehicles, appointments, service_history "
+                    "RESTART IDENTITY CASCADE"
+                )
+            else:
+                existing = conn.execute("SELECT count(*) FROM customers").fetchone()
+                if existing and existing[0]:
+                    raise CrmNotEmptyError(
+                        f"the database already holds {existing[0]} customers; pass --reset "
+                        "to replace the CRM data"
+                    )
+            with conn.cursor() as cur:
+                for table, columns, table_rows in (
+                    ("customers", CUSTOMER_COLUMNS, rows.customers),
+                    ("vehicles", VEHICLE_COLUMNS, rows.vehicles),
+                    ("appointments", APPOINTMENT_COLUMNS, rows.appointments),
+                    ("service_history", HISTORY_COLUMNS, rows.history),
+                ):
+                    with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                        for row in table_rows:
+                            copy.write_row(row)
+                for table in CRM_TABLES:
+                    cur.execute(
+                        f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                        f"(SELECT COALESCE(max(id), 0) + 1 FROM {table}), false)"
+                    )
+        conn.execute("ANALYZE customers, vehicles, appointments, service_history")
