@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from tqdm import tqdm
 
 from app.profile import DealershipProfile, load_profile
 from crm.vin import make_vin, year_code
@@ -527,8 +528,11 @@ def _name_pools(seed: int) -> tuple[list[str], list[str], list[str]]:
 class _Builder:
     """Generates every row in memory, in id order, from one seeded RNG."""
 
-    def __init__(self, *, profile: DealershipProfile, seed: int, anchor: date) -> None:
+    def __init__(
+        self, *, profile: DealershipProfile, seed: int, anchor: date, progress: bool = False
+    ) -> None:
         self.profile = profile
+        self.progress = progress
         self.rng = random.Random(seed)
         self.anchor = anchor
         self.now = datetime.combine(anchor, dtime(8, 0), profile.time_zone).astimezone(UTC)
@@ -844,7 +848,8 @@ class _Builder:
         rng = self.rng
         first_id = len(self.customers) + 1
         household: tuple[Any, ...] | None = None
-        for i in range(count):
+        bar = tqdm(range(count), desc="customers", disable=not self.progress, leave=False)
+        for i in bar:
             state, _, tz, areas, zips, cities = self._state()
             first = rng.choice(self.first_names)
             last = rng.choice(self.last_names)
@@ -1029,7 +1034,7 @@ HISTORY_COLUMNS = (
 CRM_TABLES = ("customers", "vehicles", "appointments", "service_history")
 
 
-def _load(conninfo: str, builder: _Builder, *, reset: bool) -> None:
+def _load(conninfo: str, builder: _Builder, *, reset: bool, progress: bool = False) -> None:
     """COPY the rows in one transaction (blocking: run it in a thread)."""
     with psycopg.connect(conninfo) as conn:
         with conn.transaction():
@@ -1045,16 +1050,20 @@ def _load(conninfo: str, builder: _Builder, *, reset: bool) -> None:
                         f"the database already holds {existing[0]} customers; pass --reset "
                         "to replace the CRM data"
                     )
-            with conn.cursor() as cur:
-                for table, columns, rows in (
-                    ("customers", CUSTOMER_COLUMNS, builder.customers),
-                    ("vehicles", VEHICLE_COLUMNS, builder.vehicles),
-                    ("appointments", APPOINTMENT_COLUMNS, builder.appointments),
-                    ("service_history", HISTORY_COLUMNS, builder.history),
-                ):
+            tables = (
+                ("customers", CUSTOMER_COLUMNS, builder.customers),
+                ("vehicles", VEHICLE_COLUMNS, builder.vehicles),
+                ("appointments", APPOINTMENT_COLUMNS, builder.appointments),
+                ("service_history", HISTORY_COLUMNS, builder.history),
+            )
+            total = sum(len(rows) for _, _, rows in tables)
+            bar = tqdm(total=total, desc="rows", disable=not progress, leave=False)
+            with conn.cursor() as cur, bar:
+                for table, columns, rows in tables:
                     with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
                         for row in rows:
                             copy.write_row(row)
+                            bar.update()
                 for table in CRM_TABLES:
                     cur.execute(
                         f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
@@ -1071,6 +1080,7 @@ async def seed(
     reset: bool = False,
     anchor_date: date | None = None,
     profile: DealershipProfile | None = None,
+    progress: bool = False,
 ) -> dict[str, int]:
     """Load the demo customers plus ``customers`` generated ones into a migrated database.
 
@@ -1081,6 +1091,7 @@ async def seed(
         reset: Replace existing CRM rows (otherwise a non-empty CRM is an error).
         anchor_date: "Today" for the data; default today in the dealership's time zone.
         profile: Dealership profile (hours, bays, services); default the configured one.
+        progress: Show progress bars on stderr (the command line does on a terminal).
 
     Returns:
         Row counts per table.
@@ -1098,7 +1109,7 @@ async def seed(
     await apply_migrations(conninfo)
 
     def build() -> _Builder:
-        builder = _Builder(profile=profile, seed=seed, anchor=anchor)
+        builder = _Builder(profile=profile, seed=seed, anchor=anchor, progress=progress)
         builder.demo_customers()
         builder.generated_customers(customers)
         builder.past_appointments()
@@ -1106,7 +1117,7 @@ async def seed(
         return builder
 
     builder = await asyncio.to_thread(build)
-    await asyncio.to_thread(_load, conninfo, builder, reset=reset)
+    await asyncio.to_thread(_load, conninfo, builder, reset=reset, progress=progress)
     return {
         "customers": len(builder.customers),
         "vehicles": len(builder.vehicles),
@@ -1139,6 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 reset=args.reset,
                 anchor_date=args.anchor_date,
+                progress=sys.stderr.isatty(),
             )
         from app.embedded import EmbeddedPostgres
 
@@ -1151,6 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 reset=args.reset,
                 anchor_date=args.anchor_date,
+                progress=sys.stderr.isatty(),
             )
         finally:
             await pg.astop()
