@@ -1,8 +1,8 @@
 """Web app and command line of the dealership voice agent.
 
-``python runner.py`` serves the FastAPI app on HOST/PORT. With ``DATABASE_URL`` and
-``REDIS_URL`` unset it starts embedded Postgres and Redis under ``.data/`` and seeds demo
-CRM data on first start.
+python runner.py serves the FastAPI app on HOST/PORT. With DATABASE_URL and REDIS_URL
+unset it starts embedded Postgres and Redis under DATA_DIR (.data/) and seeds demo CRM
+data on first start.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
 
+from core.logs import LogFormat, setup_logging  # first: silences Pipecat's import banner
+
+# isort: split
 from api import telephony as call_routes
 from bot.turn_models import load_turn_models
 from core.metrics import render_metrics
@@ -33,14 +36,13 @@ from processors.session_snapshot import SnapshotStore
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def configure_logging(level: str) -> None:
-    """Send loguru output to stderr at ``level``.
+def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+    """Send every log record (loguru's and the standard library's) to stderr at ``level``.
 
-    Tracebacks are logged without variable values (``diagnose=False``): those would put
-    tool arguments such as dates of birth and phone numbers into the log.
+    See :func:`core.logs.setup_logging`: one format (``LOG_FORMAT``: text or JSON lines),
+    tracebacks without variable values.
     """
-    logger.remove()
-    logger.add(sys.stderr, level=level, diagnose=False, backtrace=False)
+    setup_logging(level, log_format)
 
 
 def admin_guard(settings: Settings):
@@ -202,6 +204,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
         log_level=settings.log_level.lower(),
         ws_max_size=call_routes.MAX_MEDIA_MESSAGE_BYTES,
         lifespan="on",
+        log_config=None,  # uvicorn's loggers go through loguru (configure_logging)
     )
 
 
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # pydantic ValidationError: show it without a traceback
         print(f"Invalid configuration: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if args.command in (None, "serve"):
         return _serve(settings)
     if args.command == "call":

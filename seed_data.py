@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 reset=args.reset,
                 anchor_date=args.anchor_date,
+                progress=sys.stderr.isatty(),
             )
         from core.embedded import EmbeddedPostgres
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 reset=args.reset,
                 anchor_date=args.anchor_date,
+                progress=sys.stderr.isatty(),
             )
         finally:
             await pg.astop()

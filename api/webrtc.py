@@ -11,6 +11,8 @@ when the server listens on a loopback address.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import uuid
 from typing import Any
 
@@ -41,7 +43,9 @@ _tasks: set[asyncio.Task] = set()
 
 def mount_client(app: FastAPI) -> None:
     """Mount the prebuilt UI at ``/client`` and the WebRTC signalling routes."""
-    from pipecat_ai_prebuilt.frontend import PipecatPrebuiltUI
+    # The package prints where it looks for its files on import; nothing to tell anyone.
+    with contextlib.redirect_stdout(io.StringIO()):
+        from pipecat_ai_prebuilt.frontend import PipecatPrebuiltUI
 
     app.include_router(router)
     app.mount("/client", PipecatPrebuiltUI)

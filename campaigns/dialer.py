@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from aiolimiter import AsyncLimiter
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
@@ -121,23 +122,6 @@ async def plan_campaign(
         )
 
 
-class RateLimiter:
-    """Spaces events at least ``1 / per_second`` seconds apart."""
-
-    def __init__(self, per_second: float) -> None:
-        self._interval = 1.0 / per_second if per_second > 0 else 0.0
-        self._next = 0.0
-        self._lock = asyncio.Lock()
-
-    async def wait(self) -> None:
-        """Return when the next event may happen."""
-        async with self._lock:
-            delay = self._next - time_mod.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self._next = max(time_mod.monotonic(), self._next) + self._interval
-
-
 @dataclass
 class DialStats:
     """What a batch of dials did."""
@@ -200,7 +184,9 @@ class Dialer:
         self.cfg: CampaignSettings = profile.campaigns
         self.max_concurrent = max_concurrent or self.cfg.max_concurrent
         self._semaphore = asyncio.Semaphore(self.max_concurrent)
-        self._limiter = RateLimiter(calls_per_second or self.cfg.calls_per_second)
+        # A bucket of one call that drains at ``calls_per_second``: calls start at least
+        # 1 / calls_per_second seconds apart, with no burst.
+        self._limiter = AsyncLimiter(1, 1 / (calls_per_second or self.cfg.calls_per_second))
         self.hold_calls = hold_calls
         self.poll_seconds = poll_seconds
         self.stop = stop or asyncio.Event()
@@ -250,7 +236,7 @@ class Dialer:
         async with self._semaphore:
             if self.stop.is_set():
                 return
-            await self._limiter.wait()
+            await self._limiter.acquire()
             if self.stop.is_set():
                 return
             now = self.now()

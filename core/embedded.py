@@ -165,7 +165,8 @@ class EmbeddedPostgres:
             self._started_here = True
             atexit.register(self.stop)
         self._ensure_database()
-        logger.info(f"embedded Postgres ready in {time.perf_counter() - started:.1f}s")
+        elapsed = time.perf_counter() - started
+        logger.info(f"embedded Postgres ready at {data_dir} in {elapsed:.1f}s")
         return self
 
     def _is_ready(self) -> bool:

@@ -1,8 +1,9 @@
 """The dealership profile: hours, bays, services, advisors, calling windows.
 
-Loaded from a TOML file (``DEALERSHIP_PROFILE``) and validated at startup. Every mistake
-becomes a :class:`ProfileError` whose message names the field, e.g.
-``hours.monday: ranges 08:00-12:00 and 11:00-14:00 overlap``.
+Loaded from a TOML file (``DEALERSHIP_PROFILE``) and validated at startup by pydantic models
+that mirror the file. Every mistake becomes a :class:`ProfileError` whose message names the
+field, e.g. ``hours.monday: ranges 08:00-12:00 and 11:00-14:00 overlap``. The validated file
+becomes the frozen :class:`DealershipProfile` the rest of the app reads.
 """
 
 from __future__ import annotations
@@ -11,10 +12,26 @@ import itertools
 import re
 import tomllib
 from dataclasses import dataclass, field
-from datetime import date, time
+from datetime import date, datetime, time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic_core import ErrorDetails
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 KNOWN_CAPABILITIES = frozenset(
@@ -30,6 +47,21 @@ class ProfileError(ValueError):
     """The dealership profile is invalid; the message names the offending field."""
 
 
+class _ItemError(ValueError):
+    """A check on a whole table or list that blames one item inside it.
+
+    Attributes:
+        loc: Path of the item, relative to where the check ran (e.g. ``(2, "id")``).
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+# --- value types -------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class TimeRange:
     """A local-time range within one day, ``end`` exclusive."""
@@ -40,34 +72,6 @@ class TimeRange:
     def contains(self, value: time) -> bool:
         """Whether ``value`` falls inside the range."""
         return self.start <= value < self.end
-
-
-@dataclass(frozen=True)
-class Bay:
-    """A service bay and the kinds of work it can take."""
-
-    id: str
-    capabilities: frozenset[str]
-
-
-@dataclass(frozen=True)
-class Advisor:
-    """A service advisor."""
-
-    id: str
-    name: str
-
-
-@dataclass(frozen=True)
-class Service:
-    """An item of the service menu."""
-
-    code: str
-    spoken_name: str
-    duration_minutes: int
-    price_min: int
-    price_max: int
-    capability: str
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,93 @@ class ScheduleSlot:
         return day.weekday() in self.weekdays
 
 
+def _parse_range(value: object) -> TimeRange:
+    if not isinstance(value, str) or not (match := _RANGE_RE.match(value.strip())):
+        raise ValueError(f"expected a range like '08:00-17:30', got {value!r}")
+    sh, sm, eh, em = (int(g) for g in match.groups())
+    if eh == 24 and em != 0:
+        raise ValueError(f"{value!r} is not a valid time")
+    start = time(sh, sm)
+    end = time(23, 59, 59) if eh == 24 else time(eh, em)
+    if end <= start:
+        raise ValueError(f"range {value!r} ends before it starts")
+    return TimeRange(start, end)
+
+
+def _opening_ranges(value: object) -> tuple[TimeRange, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of ranges")
+    ranges = sorted(map(_parse_range, value), key=lambda r: r.start)
+    for earlier, later in itertools.pairwise(ranges):
+        if later.start < earlier.end:
+            raise ValueError(
+                f"ranges {earlier.start:%H:%M}-{earlier.end:%H:%M} and "
+                f"{later.start:%H:%M}-{later.end:%H:%M} overlap"
+            )
+    return tuple(ranges)
+
+
+def _weekday(name: str) -> str:
+    if name not in WEEKDAYS:
+        raise ValueError(f"not a weekday name ({', '.join(WEEKDAYS)})")
+    return name
+
+
+def _within_legal_window(window: TimeRange) -> TimeRange:
+    legal_start, legal_end = LEGAL_CALL_WINDOW
+    if window.start < legal_start or window.end > legal_end:
+        raise ValueError("must stay within 08:00-21:00")
+    return window
+
+
+def _time_zone(value: object) -> ZoneInfo:
+    if not isinstance(value, str):
+        raise ValueError(f"expected str, got {value!r}")
+    try:
+        return ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"unknown time zone {value!r}") from None
+
+
+def _e164(value: str) -> str:
+    if not _E164_RE.match(value):
+        raise ValueError("expected an E.164 number like +15555550100")
+    return value
+
+
+def _holidays(value: object) -> frozenset[date]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of YYYY-MM-DD dates, got {value!r}")
+    days: set[date] = set()
+    for raw in value:
+        if isinstance(raw, date) and not isinstance(raw, datetime):
+            days.add(raw)
+            continue
+        try:
+            days.add(date.fromisoformat(raw))
+        except (TypeError, ValueError):
+            raise ValueError(f"{raw!r} is not a YYYY-MM-DD date") from None
+    return frozenset(days)
+
+
+def _between(kind: type[int] | type[float], low: float, high: float) -> PlainValidator:
+    """A validator for a number of ``kind`` (no booleans, no strings) in ``[low, high]``."""
+
+    def check(value: Any) -> int | float:
+        ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
+        if isinstance(value, bool) or not ok_type or not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}, got {value!r}")
+        return kind(value)
+
+    return PlainValidator(check)
+
+
+def _non_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
 #: Schedule keys of the profile's ``[schedule]`` table -> campaign names.
 SCHEDULE_CAMPAIGNS = {"confirmations": "confirmation", "service_due": "service_due"}
 _SCHEDULE_DAYS = {
@@ -92,6 +183,98 @@ _SCHEDULE_DAYS = {
     **{name[:3]: frozenset({i}) for i, name in enumerate(WEEKDAYS)},
 }
 _SLOT_RE = re.compile(r"^([a-z,]+)\s+([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def _parse_slot(value: object) -> ScheduleSlot:
+    text = value.strip().lower() if isinstance(value, str) else ""
+    match = _SLOT_RE.match(text)
+    parts = match.group(1).split(",") if match else []
+    if not match or any(part not in _SCHEDULE_DAYS for part in parts):
+        raise ValueError(
+            f"expected e.g. 'daily 10:00', 'weekdays 16:00' or 'mon,thu 11:30', got {value!r}"
+        )
+    days = frozenset().union(*(_SCHEDULE_DAYS[part] for part in parts))
+    return ScheduleSlot(days, time(int(match.group(2)), int(match.group(3))), text)
+
+
+def _distinct_slots(slots: tuple[ScheduleSlot, ...]) -> tuple[ScheduleSlot, ...]:
+    labels = [slot.label for slot in slots]
+    if len(set(labels)) != len(labels):
+        raise ValueError("duplicate slot")
+    return slots
+
+
+OpeningRanges = Annotated[tuple[TimeRange, ...], PlainValidator(_opening_ranges)]
+CallWindow = Annotated[
+    TimeRange, PlainValidator(_parse_range), AfterValidator(_within_legal_window)
+]
+Phone = Annotated[StrictStr, AfterValidator(_e164)]
+Slots = Annotated[
+    tuple[Annotated[ScheduleSlot, PlainValidator(_parse_slot)], ...],
+    BeforeValidator(lambda value: value if isinstance(value, list) else [value]),
+    AfterValidator(_distinct_slots),
+]
+
+
+# --- profile objects ---------------------------------------------------------------------
+
+
+def _known_capabilities(capabilities: frozenset[str]) -> frozenset[str]:
+    unknown = capabilities - KNOWN_CAPABILITIES
+    if unknown:
+        raise ValueError(
+            f"unknown capability {sorted(unknown)[0]!r} "
+            f"(known: {', '.join(sorted(KNOWN_CAPABILITIES))})"
+        )
+    return capabilities
+
+
+def _known_capability(capability: str) -> str:
+    if capability not in KNOWN_CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}")
+    return capability
+
+
+def _duration(minutes: int) -> int:
+    if not 5 <= minutes <= 8 * 60:
+        raise ValueError("must be between 5 and 480")
+    return minutes
+
+
+@pydantic_dataclass(frozen=True)
+class Bay:
+    """A service bay and the kinds of work it can take."""
+
+    id: StrictStr
+    capabilities: Annotated[frozenset[StrictStr], AfterValidator(_known_capabilities)]
+
+
+@pydantic_dataclass(frozen=True)
+class Advisor:
+    """A service advisor."""
+
+    id: StrictStr
+    name: StrictStr
+
+
+@pydantic_dataclass(frozen=True)
+class Service:
+    """An item of the service menu (``code`` is lower-cased)."""
+
+    code: Annotated[StrictStr, AfterValidator(str.lower)]
+    spoken_name: StrictStr
+    duration_minutes: Annotated[StrictInt, AfterValidator(_duration)]
+    price_min: StrictInt
+    price_max: StrictInt
+    capability: Annotated[StrictStr, AfterValidator(_known_capability)]
+
+    @field_validator("price_max")
+    @classmethod
+    def _prices_in_order(cls, price_max: int, info: ValidationInfo) -> int:
+        price_min = info.data.get("price_min")
+        if price_min is not None and (price_min < 0 or price_max < price_min):
+            raise ValueError("must be >= price_min >= 0")
+        return price_max
 
 
 @dataclass(frozen=True)
@@ -165,104 +348,168 @@ class DealershipProfile:
         return tuple(bay for bay in self.bays if capability in bay.capabilities)
 
 
-def _parse_range(value: object, where: str) -> TimeRange:
-    if not isinstance(value, str) or not (match := _RANGE_RE.match(value.strip())):
-        raise ProfileError(f"{where}: expected a range like '08:00-17:30', got {value!r}")
-    sh, sm, eh, em = (int(g) for g in match.groups())
-    if eh == 24 and em != 0:
-        raise ProfileError(f"{where}: {value!r} is not a valid time")
-    start = time(sh, sm)
-    end = time(23, 59, 59) if eh == 24 else time(eh, em)
-    if end <= start:
-        raise ProfileError(f"{where}: range {value!r} ends before it starts")
-    return TimeRange(start, end)
+# --- the TOML file -----------------------------------------------------------------------
 
 
-def _require(data: dict, key: str, kind: type | tuple[type, ...], where: str = "") -> object:
-    name = f"{where}{key}"
-    if key not in data:
-        raise ProfileError(f"{name}: missing")
-    value = data[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProfileError(f"{name}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
+class _Outbound(BaseModel):
+    """``[outbound]``: dealership-side and default customer-side calling windows."""
+
+    window: CallWindow = TimeRange(time(9), time(19))
+    customer_window: CallWindow = TimeRange(time(9), time(20))
 
 
-def _phone(data: dict, key: str) -> str:
-    value = _require(data, key, str)
-    if not _E164_RE.match(value):
-        raise ProfileError(f"{key}: expected an E.164 number like +15555550100")
-    return value
+class _Schedule(BaseModel):
+    """``[schedule]``: when ``runner.py worker`` runs each campaign."""
+
+    confirmations: Slots = ()
+    service_due: Slots = ()
 
 
-def _parse_slot(value: object, where: str) -> ScheduleSlot:
-    text = value.strip().lower() if isinstance(value, str) else ""
-    match = _SLOT_RE.match(text)
-    days: set[int] = set()
-    for part in match.group(1).split(",") if match else []:
-        if part not in _SCHEDULE_DAYS:
-            match = None
-            break
-        days |= _SCHEDULE_DAYS[part]
-    if not match:
-        raise ProfileError(
-            f"{where}: expected e.g. 'daily 10:00', 'weekdays 16:00' or 'mon,thu 11:30', "
-            f"got {value!r}"
-        )
-    return ScheduleSlot(frozenset(days), time(int(match.group(2)), int(match.group(3))), text)
-
-
-def _number(
-    data: dict, key: str, kind: type, default: float, low: float, high: float, where: str
-) -> Any:
-    value = data.get(key, default)
-    ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
-    if isinstance(value, bool) or not ok_type or not low <= value <= high:
-        raise ProfileError(f"{where}{key}: expected a number from {low} to {high}, got {value!r}")
-    return kind(value)
-
-
-def _parse_campaigns(data: dict) -> CampaignSettings:
-    schedule = data.get("schedule", {})
-    if not isinstance(schedule, dict):
-        raise ProfileError("schedule: expected a table")
-    slots: dict[str, tuple[ScheduleSlot, ...]] = {}
-    for key, campaign in SCHEDULE_CAMPAIGNS.items():
-        raw = schedule.get(key, [])
-        raw = raw if isinstance(raw, list) else [raw]
-        parsed = tuple(_parse_slot(v, f"schedule.{key}[{i}]") for i, v in enumerate(raw))
-        labels = [slot.label for slot in parsed]
-        if len(set(labels)) != len(labels):
-            raise ProfileError(f"schedule.{key}: duplicate slot")
-        slots[campaign] = parsed
-    section = data.get("campaigns", {})
-    if not isinstance(section, dict):
-        raise ProfileError("campaigns: expected a table")
-    where = "campaigns."
-    backoff = section.get("retry_backoff_minutes", [30, 120])
+def _backoff(value: object) -> tuple[int, ...]:
     if (
-        not isinstance(backoff, list)
-        or not backoff
-        or not all(
-            isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= 24 * 60 for m in backoff
-        )
+        not isinstance(value, list)
+        or not value
+        or not all(type(m) is int and 1 <= m <= 24 * 60 for m in value)
     ):
-        raise ProfileError(
-            f"{where}retry_backoff_minutes: expected a list of minutes (1-1440), got {backoff!r}"
+        raise ValueError(f"expected a list of minutes (1-1440), got {value!r}")
+    return tuple(value)
+
+
+class _Campaigns(BaseModel):
+    """``[campaigns]``: retries, rate, concurrency and planning settings."""
+
+    max_retries: Annotated[int, _between(int, 0, 10)] = 2
+    retry_backoff_minutes: Annotated[tuple[int, ...], PlainValidator(_backoff)] = (30, 120)
+    calls_per_second: Annotated[float, _between(float, 0.01, 100)] = 1.0
+    max_concurrent: Annotated[int, _between(int, 1, 500)] = 4
+    max_call_minutes: Annotated[int, _between(int, 1, 240)] = 15
+    due_within_days: Annotated[int, _between(int, 0, 90)] = 7
+    recent_attempt_days: Annotated[int, _between(int, 0, 365)] = 14
+    default_miles_per_day: Annotated[float, _between(float, 1, 1000)] = 35.0
+
+
+class _ProfileFile(BaseModel):
+    """The profile TOML document. Unknown keys are ignored."""
+
+    name: StrictStr
+    time_zone: Annotated[ZoneInfo, PlainValidator(_time_zone)]
+    phone_number: Phone
+    advisor_transfer_number: Phone
+    loaner_cars: Annotated[StrictInt, AfterValidator(_non_negative)]
+    booking_lead_time_minutes: Annotated[int, _between(int, 0, 7 * 24 * 60)] = 120
+    slot_step_minutes: Annotated[int, _between(int, 5, 240)] = 30
+    max_booking_days_ahead: Annotated[int, _between(int, 0, 366)] = 60
+    recording_enabled: StrictBool = False
+    keyterms: tuple[StrictStr, ...] = ()
+    holidays: Annotated[frozenset[date], PlainValidator(_holidays)] = frozenset()
+    hours: dict[Annotated[str, AfterValidator(_weekday)], OpeningRanges]
+    bays: tuple[Bay, ...]
+    advisors: tuple[Advisor, ...] = ()
+    services: tuple[Service, ...]
+    outbound: _Outbound = _Outbound()
+    schedule: _Schedule = _Schedule()
+    campaigns: _Campaigns = _Campaigns()
+
+    @field_validator("hours")
+    @classmethod
+    def _open_sometimes(cls, hours: dict[str, tuple[TimeRange, ...]]) -> Any:
+        if not any(hours.values()):
+            raise ValueError("the dealership is never open")
+        return hours
+
+    @field_validator("bays")
+    @classmethod
+    def _distinct_bays(cls, bays: tuple[Bay, ...]) -> tuple[Bay, ...]:
+        if not bays:
+            raise ValueError("at least one service bay is needed")
+        seen: set[str] = set()
+        for i, bay in enumerate(bays):
+            if bay.id in seen:
+                raise _ItemError((i, "id"), f"duplicate bay id {bay.id!r}")
+            seen.add(bay.id)
+        return bays
+
+    @field_validator("services")
+    @classmethod
+    def _distinct_services(cls, services: tuple[Service, ...]) -> tuple[Service, ...]:
+        seen: set[str] = set()
+        for i, service in enumerate(services):
+            if service.code in seen:
+                raise _ItemError((i, "code"), f"duplicate service code {service.code!r}")
+            seen.add(service.code)
+        return services
+
+    @model_validator(mode="after")
+    def _services_have_bays(self) -> _ProfileFile:
+        offered = frozenset().union(*(bay.capabilities for bay in self.bays))
+        for i, service in enumerate(self.services):
+            if service.capability not in offered:
+                raise _ItemError(
+                    ("services", i, "capability"), f"no bay offers {service.capability!r}"
+                )
+        return self
+
+    def to_profile(self) -> DealershipProfile:
+        """The profile the app reads."""
+        schedule = {key: getattr(self.schedule, key) for key in SCHEDULE_CAMPAIGNS}
+        return DealershipProfile(
+            name=self.name,
+            time_zone=self.time_zone,
+            phone_number=self.phone_number,
+            advisor_transfer_number=self.advisor_transfer_number,
+            loaner_cars=self.loaner_cars,
+            hours=dict(self.hours),
+            holidays=self.holidays,
+            bays=self.bays,
+            advisors=self.advisors,
+            services={service.code: service for service in self.services},
+            outbound_window=self.outbound.window,
+            customer_call_window=self.outbound.customer_window,
+            booking_lead_time_minutes=self.booking_lead_time_minutes,
+            slot_step_minutes=self.slot_step_minutes,
+            max_booking_days_ahead=self.max_booking_days_ahead,
+            recording_enabled=self.recording_enabled,
+            schedule={key: tuple(slot.label for slot in slots) for key, slots in schedule.items()},
+            keyterms=self.keyterms,
+            campaigns=CampaignSettings(
+                slots={SCHEDULE_CAMPAIGNS[key]: slots for key, slots in schedule.items()},
+                **self.campaigns.model_dump(),
+            ),
         )
-    return CampaignSettings(
-        slots=slots,
-        max_retries=_number(section, "max_retries", int, 2, 0, 10, where),
-        retry_backoff_minutes=tuple(backoff),
-        calls_per_second=_number(section, "calls_per_second", float, 1.0, 0.01, 100, where),
-        max_concurrent=_number(section, "max_concurrent", int, 4, 1, 500, where),
-        max_call_minutes=_number(section, "max_call_minutes", int, 15, 1, 240, where),
-        due_within_days=_number(section, "due_within_days", int, 7, 0, 90, where),
-        recent_attempt_days=_number(section, "recent_attempt_days", int, 14, 0, 365, where),
-        default_miles_per_day=_number(
-            section, "default_miles_per_day", float, 35.0, 1, 1000, where
-        ),
-    )
+
+
+#: pydantic error types -> the type named in "expected <type>, got <value>".
+_EXPECTED = {
+    "string_type": "str",
+    "int_type": "int",
+    "float_type": "float",
+    "bool_type": "bool",
+    "list_type": "list",
+    "tuple_type": "list",
+    "set_type": "list",
+    "frozen_set_type": "list",
+    "dict_type": "dict",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "dataclass_type": "a table",
+    "dataclass_exact_type": "a table",
+}
+
+
+def _describe(error: ErrorDetails) -> str:
+    """``field.path: message`` for one pydantic error, in the profile's own words."""
+    cause = error.get("ctx", {}).get("error")
+    loc = [*error["loc"], *(cause.loc if isinstance(cause, _ItemError) else ())]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p != "[key]")
+    if error["type"] == "missing":
+        message = "missing"
+    elif error["type"] in _EXPECTED:
+        message = f"expected {_EXPECTED[error['type']]}, got {error['input']!r}"
+    elif isinstance(cause, ValueError):
+        message = str(cause)
+    else:
+        message = error["msg"]
+    return f"{where.lstrip('.')}: {message}" if where else message
 
 
 def parse_profile(data: dict) -> DealershipProfile:
@@ -275,132 +522,13 @@ def parse_profile(data: dict) -> DealershipProfile:
         The validated profile.
 
     Raises:
-        ProfileError: The first problem found, naming the field.
+        ProfileError: Every problem found (``; ``-separated), each naming its field.
     """
-    name = _require(data, "name", str)
-    tz_name = _require(data, "time_zone", str)
     try:
-        tz = ZoneInfo(tz_name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ProfileError(f"time_zone: unknown time zone {tz_name!r}") from exc
-
-    hours_data = _require(data, "hours", dict)
-    hours: dict[str, tuple[TimeRange, ...]] = {}
-    for day_name, ranges in hours_data.items():
-        if day_name not in WEEKDAYS:
-            raise ProfileError(f"hours.{day_name}: not a weekday name ({', '.join(WEEKDAYS)})")
-        if not isinstance(ranges, list):
-            raise ProfileError(f"hours.{day_name}: expected a list of ranges")
-        parsed = sorted(
-            (_parse_range(r, f"hours.{day_name}") for r in ranges), key=lambda r: r.start
-        )
-        for earlier, later in itertools.pairwise(parsed):
-            if later.start < earlier.end:
-                raise ProfileError(
-                    f"hours.{day_name}: ranges {earlier.start:%H:%M}-{earlier.end:%H:%M} and "
-                    f"{later.start:%H:%M}-{later.end:%H:%M} overlap"
-                )
-        hours[day_name] = tuple(parsed)
-    if not any(hours.values()):
-        raise ProfileError("hours: the dealership is never open")
-
-    holidays: set[date] = set()
-    for raw in data.get("holidays", []):
-        try:
-            holidays.add(raw if isinstance(raw, date) else date.fromisoformat(str(raw)))
-        except ValueError as exc:
-            raise ProfileError(f"holidays: {raw!r} is not a YYYY-MM-DD date") from exc
-
-    bays: list[Bay] = []
-    for i, raw in enumerate(_require(data, "bays", list)):
-        where = f"bays[{i}]."
-        bay_id = _require(raw, "id", str, where)
-        caps = frozenset(_require(raw, "capabilities", list, where))
-        unknown = caps - KNOWN_CAPABILITIES
-        if unknown:
-            raise ProfileError(
-                f"{where}capabilities: unknown capability {sorted(unknown)[0]!r} "
-                f"(known: {', '.join(sorted(KNOWN_CAPABILITIES))})"
-            )
-        if any(b.id == bay_id for b in bays):
-            raise ProfileError(f"{where}id: duplicate bay id {bay_id!r}")
-        bays.append(Bay(bay_id, caps))
-    if not bays:
-        raise ProfileError("bays: at least one service bay is needed")
-
-    advisors = tuple(
-        Advisor(
-            _require(a, "id", str, f"advisors[{i}]."), _require(a, "name", str, f"advisors[{i}].")
-        )
-        for i, a in enumerate(data.get("advisors", []))
-    )
-
-    services: dict[str, Service] = {}
-    for i, raw in enumerate(_require(data, "services", list)):
-        where = f"services[{i}]."
-        code = _require(raw, "code", str, where).lower()
-        duration = _require(raw, "duration_minutes", int, where)
-        price_min = _require(raw, "price_min", int, where)
-        price_max = _require(raw, "price_max", int, where)
-        capability = _require(raw, "capability", str, where)
-        if not 5 <= duration <= 8 * 60:
-            raise ProfileError(f"{where}duration_minutes: must be between 5 and 480")
-        if price_min < 0 or price_max < price_min:
-            raise ProfileError(f"{where}price_max: must be >= price_min >= 0")
-        if capability not in KNOWN_CAPABILITIES:
-            raise ProfileError(f"{where}capability: unknown capability {capability!r}")
-        if not any(capability in bay.capabilities for bay in bays):
-            raise ProfileError(f"{where}capability: no bay offers {capability!r}")
-        if code in services:
-            raise ProfileError(f"{where}code: duplicate service code {code!r}")
-        services[code] = Service(
-            code=code,
-            spoken_name=_require(raw, "spoken_name", str, where),
-            duration_minutes=duration,
-            price_min=price_min,
-            price_max=price_max,
-            capability=capability,
-        )
-
-    outbound = data.get("outbound", {})
-    outbound_window = _parse_range(outbound.get("window", "09:00-19:00"), "outbound.window")
-    customer_window = _parse_range(
-        outbound.get("customer_window", "09:00-20:00"), "outbound.customer_window"
-    )
-    legal_start, legal_end = LEGAL_CALL_WINDOW
-    for label, window in (("window", outbound_window), ("customer_window", customer_window)):
-        if window.start < legal_start or window.end > legal_end:
-            raise ProfileError(f"outbound.{label}: must stay within 08:00-21:00")
-
-    loaner_cars = _require(data, "loaner_cars", int)
-    if loaner_cars < 0:
-        raise ProfileError("loaner_cars: must be >= 0")
-
-    schedule = {
-        key: tuple(value) if isinstance(value, list) else (str(value),)
-        for key, value in data.get("schedule", {}).items()
-    }
-    return DealershipProfile(
-        name=name,
-        time_zone=tz,
-        phone_number=_phone(data, "phone_number"),
-        advisor_transfer_number=_phone(data, "advisor_transfer_number"),
-        loaner_cars=loaner_cars,
-        hours=hours,
-        holidays=frozenset(holidays),
-        bays=tuple(bays),
-        advisors=advisors,
-        services=services,
-        outbound_window=outbound_window,
-        customer_call_window=customer_window,
-        booking_lead_time_minutes=int(data.get("booking_lead_time_minutes", 120)),
-        slot_step_minutes=int(data.get("slot_step_minutes", 30)),
-        max_booking_days_ahead=int(data.get("max_booking_days_ahead", 60)),
-        recording_enabled=bool(data.get("recording_enabled", False)),
-        schedule=schedule,
-        keyterms=tuple(str(t) for t in data.get("keyterms", [])),
-        campaigns=_parse_campaigns(data),
-    )
+        document = _ProfileFile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError("; ".join(_describe(e) for e in exc.errors())) from None
+    return document.to_profile()
 
 
 def load_profile(path: Path | str) -> DealershipProfile:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from tqdm import tqdm
 
 
 class CrmNotEmptyError(RuntimeError):
@@ -46,7 +47,7 @@ HISTORY_COLUMNS = (
 CRM_TABLES = ("customers", "vehicles", "appointments", "service_history")
 
 
-def load_crm(conninfo: str, rows: CrmRows, *, reset: bool) -> None:
+def load_crm(conninfo: str, rows: CrmRows, *, reset: bool, progress: bool = False) -> None:
     """COPY the rows in one transaction, then move each id sequence past them.
 
     Blocking: run it in a thread.
@@ -55,6 +56,7 @@ def load_crm(conninfo: str, rows: CrmRows, *, reset: bool) -> None:
         conninfo: Postgres connection string of a migrated database.
         rows: The rows of each CRM table, in the column order of ``*_COLUMNS``.
         reset: Replace the existing CRM rows; otherwise a CRM with customers is refused.
+        progress: Show a progress bar on stderr.
 
     Raises:
         CrmNotEmptyError: The CRM already has customers and ``reset`` is false.
@@ -73,16 +75,20 @@ def load_crm(conninfo: str, rows: CrmRows, *, reset: bool) -> None:
                         f"the database already holds {existing[0]} customers; pass --reset "
                         "to replace the CRM data"
                     )
-            with conn.cursor() as cur:
-                for table, columns, table_rows in (
-                    ("customers", CUSTOMER_COLUMNS, rows.customers),
-                    ("vehicles", VEHICLE_COLUMNS, rows.vehicles),
-                    ("appointments", APPOINTMENT_COLUMNS, rows.appointments),
-                    ("service_history", HISTORY_COLUMNS, rows.history),
-                ):
+            tables = (
+                ("customers", CUSTOMER_COLUMNS, rows.customers),
+                ("vehicles", VEHICLE_COLUMNS, rows.vehicles),
+                ("appointments", APPOINTMENT_COLUMNS, rows.appointments),
+                ("service_history", HISTORY_COLUMNS, rows.history),
+            )
+            total = sum(len(table_rows) for _, _, table_rows in tables)
+            bar = tqdm(total=total, desc="rows", disable=not progress, leave=False)
+            with conn.cursor() as cur, bar:
+                for table, columns, table_rows in tables:
                     with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
                         for row in table_rows:
                             copy.write_row(row)
+                            bar.update()
                 for table in CRM_TABLES:
                     cur.execute(
                         f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "

@@ -46,6 +46,7 @@ from googleapiclient.errors import HttpError
 from loguru import logger
 from prometheus_client import Counter
 from psycopg.rows import dict_row
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from core.metrics import REGISTRY
 from crm.appointments import AppointmentRow, set_calendar_sync
@@ -298,20 +299,22 @@ class GoogleCalendar:
         """Run a blocking gcsa call in a worker thread with this thread's client.
 
         Transient failures (HTTP 429/5xx, connection errors) are retried with exponential
-        backoff; a timeout is not, since the request may still complete at Google.
+        backoff (0.2 s, then 0.6 s); a timeout is not, since the request may still complete
+        at Google. The last failure is raised as it is.
         """
-        delay = RETRY_FIRST_DELAY_S
-        for attempt in range(1, attempts + 1):
-            try:
-                return await asyncio.wait_for(
-                    asyncio.to_thread(lambda: fn(self._clients.get())), limit_s or self._timeout
-                )
-            except Exception as exc:
-                if attempt == attempts or not _is_transient(exc):
-                    raise
-                await asyncio.sleep(delay)
-                delay *= 3
-        raise AssertionError("unreachable")
+
+        async def once() -> T:
+            return await asyncio.wait_for(
+                asyncio.to_thread(lambda: fn(self._clients.get())), limit_s or self._timeout
+            )
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=RETRY_FIRST_DELAY_S, exp_base=3),
+            retry=retry_if_exception(_is_transient),
+            reraise=True,
+        )
+        return await retrying(once)
 
     def _failed(self, operation: str, exc: BaseException) -> str:
         error = _short_error(exc)

@@ -25,6 +25,7 @@ async def seed(
     reset: bool = False,
     anchor_date: date | None = None,
     profile: DealershipProfile | None = None,
+    progress: bool = False,
 ) -> dict[str, int]:
     """Load the demo customers plus ``customers`` generated ones into a migrated database.
 
@@ -35,6 +36,7 @@ async def seed(
         reset: Replace existing CRM rows (otherwise a non-empty CRM is an error).
         anchor_date: "Today" for the data; default today in the dealership's time zone.
         profile: Dealership profile (hours, bays, services); default the configured one.
+        progress: Show progress bars on stderr (the command line does on a terminal).
 
     Returns:
         Row counts per table.
@@ -52,7 +54,7 @@ async def seed(
     await apply_migrations(conninfo)
 
     def build() -> CrmBuilder:
-        builder = CrmBuilder(profile=profile, seed=seed, anchor=anchor)
+        builder = CrmBuilder(profile=profile, seed=seed, anchor=anchor, progress=progress)
         builder.demo_customers()
         builder.generated_customers(customers)
         builder.past_appointments()
@@ -67,7 +69,7 @@ async def seed(
         history=builder.history,
     )
     try:
-        await asyncio.to_thread(load_crm, conninfo, rows, reset=reset)
+        await asyncio.to_thread(load_crm, conninfo, rows, reset=reset, progress=progress)
     except CrmNotEmptyError as exc:
         raise SeedError(str(exc)) from exc
     return {

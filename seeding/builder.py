@@ -11,6 +11,8 @@ from datetime import time as dtime
 from json import dumps as json_dumps
 from typing import Any
 
+from tqdm import tqdm
+
 from core.profile import DealershipProfile
 from crm.vin import make_vin, year_code
 from seeding.catalogue import (
@@ -117,8 +119,11 @@ def _name_pools(seed: int) -> tuple[list[str], list[str], list[str]]:
 class CrmBuilder:
     """Generates every row in memory, in id order, from one seeded RNG."""
 
-    def __init__(self, *, profile: DealershipProfile, seed: int, anchor: date) -> None:
+    def __init__(
+        self, *, profile: DealershipProfile, seed: int, anchor: date, progress: bool = False
+    ) -> None:
         self.profile = profile
+        self.progress = progress
         self.rng = random.Random(seed)
         self.anchor = anchor
         self.now = datetime.combine(anchor, dtime(8, 0), profile.time_zone).astimezone(UTC)
@@ -434,7 +439,8 @@ class CrmBuilder:
         rng = self.rng
         first_id = len(self.customers) + 1
         household: tuple[Any, ...] | None = None
-        for i in range(count):
+        bar = tqdm(range(count), desc="customers", disable=not self.progress, leave=False)
+        for i in bar:
             state, _, tz, areas, zips, cities = self._state()
             first = rng.choice(self.first_names)
             last = rng.choice(self.last_names)

@@ -614,6 +614,24 @@ async def test_max_concurrent_override_and_rate_limit(pool, crm: Crm) -> None:
     assert time_mod.monotonic() - started >= 5 / 20 - 0.01
 
 
+async def test_rate_limit_holds_for_concurrent_calls(pool, crm: Crm) -> None:
+    for i in range(6):
+        await crm.customer(f"c{i}")
+    dial = FakeDial(delay=0.0)
+    started = time_mod.monotonic()
+    await app_campaigns.run_campaign(
+        pool,
+        profile=make_profile(calls_per_second=4.0, max_concurrent=6),
+        settings=None,
+        campaign="service_due",
+        now=NOW,
+        dial=dial,
+        hold_calls=False,
+    )
+    assert len(dial.calls) == 6
+    assert time_mod.monotonic() - started >= 5 / 4 - 0.01  # one call every 0.25 s
+
+
 async def test_held_calls_keep_their_slot_until_the_call_ends(pool, crm: Crm) -> None:
     for i in range(4):
         await crm.customer(f"c{i}")

@@ -8,6 +8,7 @@ anonymous credentials and ``api_endpoint`` pointing at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -426,6 +427,25 @@ async def test_sync_times_out_and_is_recorded(pool, owner, silent_server) -> Non
     row = await book(pool, owner)
     assert not await calendar.sync_appointment(row, first_name="Maria", vehicle=VEHICLE)
     assert (await sync_row(pool, row.id))["state"] == "failed"
+
+
+async def test_a_timed_out_request_is_not_retried(pool, owner) -> None:
+    """The request may still complete at Google: sending it again could double the event."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}/calendar/v3/"
+        calendar = make_calendar(pool, endpoint, timeout=0.5)
+        row = await book(pool, owner)
+        assert not await calendar.sync_appointment(row, first_name="Maria", vehicle=VEHICLE)
+        assert calendar.last_error == "sync: timeout"
+        listener.setblocking(False)
+        connections = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                listener.accept()[0].close()
+                connections += 1
+    assert connections == 1
 
 
 async def test_busy_on_unknown_calendar_fails_softly(pool, fake_api) -> None:

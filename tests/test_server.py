@@ -119,6 +119,7 @@ def test_runner_starts_on_embedded_servers_and_stops_cleanly(
     assert "Traceback" not in out, out[-3000:]
     # The demo CRM was seeded, and the log names the missing API keys without PII.
     assert "Seeded the embedded CRM" in out
+    assert f"embedded Postgres ready at {(tmp_path / 'data' / 'postgres').resolve()}" in out
     assert "OPENAI_API_KEY" in out
     assert "+1555555" not in out
     deadline = time.monotonic() + 10
