@@ -180,6 +180,9 @@ class Bench:
                 FROM customers c JOIN vehicles v ON v.customer_id = c.id
                 WHERE c.id > 7 AND c.date_of_birth IS NOT NULL
                   AND c.verification_locked_until IS NULL
+                  -- a vehicle with a booking of its own would (rightly) be refused
+                  AND NOT EXISTS (SELECT 1 FROM appointments a WHERE a.vehicle_id = v.id
+                                  AND a.status IN ('requested', 'scheduled', 'confirmed'))
                 GROUP BY c.id ORDER BY c.id
                 """
             )

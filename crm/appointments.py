@@ -1,8 +1,14 @@
-"""Appointment queries and writes. The database is the final arbiter of bay conflicts.
+"""Appointment queries and writes. The database is the final arbiter of conflicts.
 
 Every write is one transaction. A booking that collides with another active appointment
-on the same bay fails on the ``EXCLUDE`` constraint and surfaces as :class:`SlotTaken`;
-a repeated booking with the same idempotency key returns the existing row.
+on the same bay fails on the bay ``EXCLUDE`` constraint and surfaces as :class:`SlotTaken`;
+one that collides with another active appointment of the same vehicle (on any bay) fails
+on the vehicle ``EXCLUDE`` constraint and surfaces as :class:`VehicleAlreadyBooked`, as
+does, when asked for, a second upcoming booking of the same service for one vehicle.
+Bookings of one vehicle are serialised by a row lock on the vehicle, so those checks run
+before the insert and can name the appointment that is in the way. A repeated booking with
+the same idempotency key returns the existing row, but only while it is live: once it is
+cancelled (or rescheduled away) the same booking is made afresh.
 """
 
 from __future__ import annotations
@@ -12,12 +18,17 @@ import secrets
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from psycopg import AsyncConnection, errors
 from psycopg.rows import class_row
 
 CODE_ALPHABET = "ACDEFGHJKLMNPQRTUVWXY3479"  # no look-alikes (0/O, 1/I, 5/S, 8/B, 2/Z)
 ACTIVE_STATUSES = ("requested", "scheduled", "confirmed", "checked_in", "in_progress")
+#: A live appointment holds its bay and its vehicle: the predicate of both EXCLUDE
+#: constraints and of the live-idempotency-key unique index (migrations 0001 and 0025).
+_LIVE = "status NOT IN ('cancelled', 'no_show')"
+VEHICLE_OVERLAP_CONSTRAINT = "appointments_no_vehicle_overlap"
 
 
 class SlotTaken(Exception):
@@ -26,6 +37,24 @@ class SlotTaken(Exception):
 
 class LoanerUnavailable(Exception):
     """Every loaner car is already reserved that day."""
+
+
+class VehicleAlreadyBooked(Exception):
+    """The vehicle already has an appointment in the way.
+
+    Attributes:
+        reason: ``"overlap"`` (another active appointment of the vehicle overlaps that
+            time) or ``"same_service"`` (the vehicle already has an upcoming appointment
+            for that service at another time).
+        existing: The appointment in the way, when it could be read (``None`` when a
+            concurrent writer that did not take the vehicle lock hit the constraint and
+            its row is not visible yet).
+    """
+
+    def __init__(self, *, reason: str, existing: AppointmentRow | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.existing = existing
 
 
 @dataclass(frozen=True)
@@ -53,9 +82,22 @@ _COLUMNS = """
 """
 
 
-def idempotency_key(*, call_sid: str, bay_id: str, starts_at: datetime, vehicle_id: int) -> str:
-    """A stable key for "this call books this slot for this vehicle"."""
-    raw = f"{call_sid}|{bay_id}|{starts_at.isoformat()}|{vehicle_id}"
+def idempotency_key(
+    *,
+    call_sid: str,
+    bay_id: str,
+    starts_at: datetime,
+    vehicle_id: int,
+    service_codes: list[str],
+) -> str:
+    """A stable key for "this call books this service in this slot for this vehicle".
+
+    The services are part of the key: a tire rotation asked for in the bay and minute of the
+    caller's oil change is another booking (refused as a clash), not a replay of the oil
+    change.
+    """
+    services = ",".join(sorted(service_codes))
+    raw = f"{call_sid}|{bay_id}|{starts_at.isoformat()}|{vehicle_id}|{services}"
     return hashlib.sha256(raw.encode()).hexdigest()[:40]
 
 
@@ -137,6 +179,87 @@ async def _reserve_loaner(conn: AsyncConnection, starts_at: datetime, loaner_car
         raise LoanerUnavailable
 
 
+async def lock_vehicle(conn: AsyncConnection, *, vehicle_id: int) -> bool:
+    """Serialise bookings of one vehicle until the end of the current transaction.
+
+    Takes ``FOR NO KEY UPDATE`` on the vehicle row: concurrent bookings, reschedules and
+    duplicate checks of the same vehicle wait for each other, while inserts elsewhere that
+    merely reference the vehicle (foreign keys take ``KEY SHARE``) are not blocked.
+
+    Args:
+        conn: Connection with an open transaction.
+        vehicle_id: The vehicle.
+
+    Returns:
+        Whether the vehicle exists.
+    """
+    cur = await conn.execute(
+        "SELECT 1 FROM vehicles WHERE id = %(id)s FOR NO KEY UPDATE", {"id": vehicle_id}
+    )
+    return await cur.fetchone() is not None
+
+
+async def vehicle_overlap(
+    conn: AsyncConnection,
+    *,
+    vehicle_id: int,
+    starts_at: datetime,
+    ends_at: datetime,
+) -> AppointmentRow | None:
+    """The first active appointment of ``vehicle_id`` overlapping ``[starts_at, ends_at)``.
+
+    Uses the same predicate as the ``appointments_no_vehicle_overlap`` constraint (and its
+    GiST index).
+    """
+    async with conn.cursor(row_factory=class_row(AppointmentRow)) as cur:
+        await cur.execute(
+            f"SELECT {_COLUMNS} FROM appointments "
+            f"WHERE vehicle_id = %(vehicle_id)s AND {_LIVE} "
+            "AND tstzrange(starts_at, ends_at, '[)') && tstzrange(%(start)s, %(end)s, '[)') "
+            "ORDER BY starts_at, id LIMIT 1",
+            {"vehicle_id": vehicle_id, "start": starts_at, "end": ends_at},
+        )
+        return await cur.fetchone()
+
+
+async def upcoming_same_service(
+    conn: AsyncConnection, *, vehicle_id: int, service_codes: list[str], after: datetime
+) -> AppointmentRow | None:
+    """The vehicle's next active appointment sharing a service code, ending after ``after``.
+
+    Args:
+        conn: Database connection.
+        vehicle_id: The vehicle.
+        service_codes: Service codes of the booking being made.
+        after: Only appointments that have not ended by then count (normally now).
+
+    Returns:
+        The earliest such appointment, or ``None``.
+    """
+    async with conn.cursor(row_factory=class_row(AppointmentRow)) as cur:
+        await cur.execute(
+            f"SELECT {_COLUMNS} FROM appointments "
+            "WHERE vehicle_id = %(vehicle_id)s AND status = ANY(%(active)s) "
+            "AND ends_at > %(after)s AND service_codes && %(codes)s::text[] "
+            "ORDER BY starts_at, id LIMIT 1",
+            {
+                "vehicle_id": vehicle_id,
+                "active": list(ACTIVE_STATUSES),
+                "after": after,
+                "codes": service_codes,
+            },
+        )
+        return await cur.fetchone()
+
+
+async def _live_by_key(cur: Any, key: str) -> AppointmentRow | None:
+    await cur.execute(
+        f"SELECT {_COLUMNS} FROM appointments WHERE idempotency_key = %(key)s AND {_LIVE}",
+        {"key": key},
+    )
+    return await cur.fetchone()
+
+
 async def insert_appointment(
     conn: AsyncConnection,
     *,
@@ -154,8 +277,15 @@ async def insert_appointment(
     rescheduled_from_id: int | None = None,
     loaner_cars: int = 0,
     calendar_sync_state: str = "not_required",
+    one_per_service_after: datetime | None = None,
 ) -> AppointmentRow:
     """Insert a scheduled appointment inside the caller's transaction.
+
+    Locks the vehicle (:func:`lock_vehicle`) first, so bookings of one vehicle run one at a
+    time, then: returns the live row with the same idempotency key if there is one (a
+    replay); refuses when another active appointment of the vehicle overlaps (checked here
+    for a useful answer, guaranteed by the vehicle ``EXCLUDE`` constraint); optionally
+    refuses a second upcoming booking of the same service; then inserts.
 
     Args:
         conn: Connection with an open transaction.
@@ -173,21 +303,39 @@ async def insert_appointment(
         rescheduled_from_id: The appointment this one replaces.
         loaner_cars: Loaner fleet size, used when ``transportation`` is ``loaner``.
         calendar_sync_state: Initial external calendar sync state.
+        one_per_service_after: When given (normally now), refuse the booking if the
+            vehicle already has an active appointment for one of ``service_codes`` that
+            has not ended by then. Left out when rescheduling (the old row is already
+            cancelled, so the number of bookings does not grow).
 
     Returns:
-        The new row, or the existing row with the same idempotency key.
+        The new row, or the live row with the same idempotency key.
 
     Raises:
         SlotTaken: The bay is taken at that time (exclusion constraint).
+        VehicleAlreadyBooked: The vehicle has an overlapping active appointment, or (with
+            ``one_per_service_after``) an upcoming one for the same service.
         LoanerUnavailable: No loaner car left that day.
     """
+    await lock_vehicle(conn, vehicle_id=vehicle_id)
     async with conn.cursor(row_factory=class_row(AppointmentRow)) as cur:
-        await cur.execute(
-            f"SELECT {_COLUMNS} FROM appointments WHERE idempotency_key = %(key)s", {"key": key}
-        )
-        existing = await cur.fetchone()
+        existing = await _live_by_key(cur, key)
         if existing:
             return existing
+        in_the_way = await vehicle_overlap(
+            conn, vehicle_id=vehicle_id, starts_at=starts_at, ends_at=ends_at
+        )
+        if in_the_way:
+            raise VehicleAlreadyBooked(reason="overlap", existing=in_the_way)
+        if one_per_service_after is not None:
+            same = await upcoming_same_service(
+                conn,
+                vehicle_id=vehicle_id,
+                service_codes=service_codes,
+                after=one_per_service_after,
+            )
+            if same:
+                raise VehicleAlreadyBooked(reason="same_service", existing=same)
         loaner = transportation == "loaner"
         if loaner:
             await _reserve_loaner(conn, starts_at, loaner_cars)
@@ -206,7 +354,8 @@ async def insert_appointment(
                             %(starts_at)s, %(ends_at)s, %(bay_id)s, %(transportation)s,
                             %(loaner)s, %(source)s, %(call_sid)s, %(key)s, %(code)s,
                             %(rescheduled_from_id)s, %(notes)s, %(sync)s)
-                        ON CONFLICT (idempotency_key) DO NOTHING
+                        ON CONFLICT (idempotency_key)
+                            WHERE status NOT IN ('cancelled', 'no_show') DO NOTHING
                         RETURNING {_COLUMNS}
                         """,
                         {
@@ -229,20 +378,26 @@ async def insert_appointment(
                     )
                     row = await cur.fetchone()
             except errors.ExclusionViolation as exc:
+                if exc.diag.constraint_name == VEHICLE_OVERLAP_CONSTRAINT:
+                    # Only a writer that skipped the vehicle lock gets here; name the
+                    # appointment in the way if it is visible by now.
+                    raise VehicleAlreadyBooked(
+                        reason="overlap",
+                        existing=await vehicle_overlap(
+                            conn, vehicle_id=vehicle_id, starts_at=starts_at, ends_at=ends_at
+                        ),
+                    ) from exc
                 raise SlotTaken from exc
             except errors.UniqueViolation as exc:
                 if "confirmation_code" in str(exc.diag.constraint_name or ""):
                     continue  # astronomically rare: draw another code
                 raise
             if row is None:  # a concurrent twin with the same key won the race
-                await cur.execute(
-                    f"SELECT {_COLUMNS} FROM appointments WHERE idempotency_key = %(key)s",
-                    {"key": key},
-                )
-                row = await cur.fetchone()
-            assert row is not None
+                row = await _live_by_key(cur, key)
+                if row is None:  # ...and was cancelled since: book afresh
+                    continue
             return row
-    raise RuntimeError("could not draw a unique confirmation code")
+    raise RuntimeError("could not insert the appointment (confirmation code or key races)")
 
 
 async def cancel_appointment(

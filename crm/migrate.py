@@ -70,6 +70,10 @@ def main() -> int:
     except psycopg.OperationalError as exc:
         print(f"Postgres is unreachable: {exc}", file=sys.stderr)
         return 1
+    except psycopg.Error as exc:  # a migration refused (e.g. 0025 on overlapping bookings)
+        hint = f"\nHint: {exc.diag.message_hint}" if exc.diag.message_hint else ""
+        print(f"Migration failed, nothing of it was applied: {exc}{hint}", file=sys.stderr)
+        return 1
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'up to date'}")
     return 0
 

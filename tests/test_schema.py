@@ -15,6 +15,7 @@ from crm.vin import check_digit, is_valid_vin, make_vin
 
 T0 = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)
 VIN = make_vin(wmi="4T1", vds="B11HK", year_code="M", plant="U", serial="123456")
+VIN2 = make_vin(wmi="2HG", vds="FC2F5", year_code="K", plant="H", serial="654321")
 
 
 @pytest.fixture
@@ -29,12 +30,27 @@ def conn(migrated_db: str):
             "VALUES (%s, %s, 2021, 'Toyota', 'Camry') RETURNING id",
             (customer, VIN),
         ).fetchone()[0]
-        conn.info_ids = (customer, vehicle)  # type: ignore[attr-defined]
+        second = conn.execute(
+            "INSERT INTO vehicles (customer_id, vin, year, make, model) "
+            "VALUES (%s, %s, 2019, 'Honda', 'Civic') RETURNING id",
+            (customer, VIN2),
+        ).fetchone()[0]
+        conn.info_ids = (customer, vehicle, second)  # type: ignore[attr-defined]
         yield conn
 
 
-def book(conn, *, bay: str, start: datetime, minutes: int, code: str, status: str = "scheduled"):
-    customer, vehicle = conn.info_ids
+def book(
+    conn,
+    *,
+    bay: str,
+    start: datetime,
+    minutes: int,
+    code: str,
+    status: str = "scheduled",
+    vehicle: int | None = None,
+):
+    customer, first_vehicle, _ = conn.info_ids
+    vehicle = vehicle or first_vehicle
     return conn.execute(
         "INSERT INTO appointments (customer_id, vehicle_id, service_codes, status, starts_at, "
         "ends_at, bay_id, confirmation_code, cancelled_at) VALUES (%s, %s, '{oil_change}', %s, "
@@ -46,9 +62,17 @@ def book(conn, *, bay: str, start: datetime, minutes: int, code: str, status: st
 def test_overlapping_active_appointments_on_a_bay_are_rejected(conn) -> None:
     first = book(conn, bay="bay-1", start=T0, minutes=60, code="AAAAA1")
     with pytest.raises(psycopg.errors.ExclusionViolation, match="appointments_no_bay_overlap"):
-        book(conn, bay="bay-1", start=T0 + timedelta(minutes=30), minutes=60, code="AAAAA2")
-    # Same time on another bay, and back-to-back on the same bay, are fine.
-    book(conn, bay="bay-2", start=T0, minutes=60, code="AAAAA3")
+        book(
+            conn,
+            bay="bay-1",
+            start=T0 + timedelta(minutes=30),
+            minutes=60,
+            code="AAAAA2",
+            vehicle=conn.info_ids[2],
+        )
+    # Same time on another bay (for another vehicle), and back-to-back on the same bay, are
+    # fine.
+    book(conn, bay="bay-2", start=T0, minutes=60, code="AAAAA3", vehicle=conn.info_ids[2])
     book(conn, bay="bay-1", start=T0 + timedelta(minutes=60), minutes=30, code="AAAAA4")
     # Once the first is cancelled its time is free again.
     conn.execute(
@@ -59,6 +83,63 @@ def test_overlapping_active_appointments_on_a_bay_are_rejected(conn) -> None:
     # ...and a cancelled appointment stays cancelled.
     with pytest.raises(psycopg.errors.DatabaseError):
         conn.execute("UPDATE appointments SET status = 'scheduled' WHERE id = %s", (first,))
+
+
+def test_overlapping_active_appointments_of_a_vehicle_are_rejected(conn) -> None:
+    _, vehicle, other = conn.info_ids
+    first = book(conn, bay="bay-1", start=T0, minutes=60, code="VVVVV1")
+    # The same vehicle on another bay at an overlapping time: refused by the database.
+    for start, minutes in (
+        (T0, 60),
+        (T0 + timedelta(minutes=59), 30),
+        (T0 - timedelta(hours=1), 61),
+    ):
+        with pytest.raises(
+            psycopg.errors.ExclusionViolation, match="appointments_no_vehicle_overlap"
+        ):
+            book(conn, bay="bay-2", start=start, minutes=minutes, code="VVVVV2")
+    # Another vehicle at the same time, and the same vehicle back to back, are fine.
+    book(conn, bay="bay-2", start=T0, minutes=60, code="VVVVV3", vehicle=other)
+    book(conn, bay="bay-3", start=T0 + timedelta(minutes=60), minutes=30, code="VVVVV4")
+    # Cancelled and no-show appointments release the vehicle: a new booking at the same
+    # time is allowed (on a free bay).
+    conn.execute(
+        "UPDATE appointments SET status = 'cancelled', cancelled_at = now() WHERE id = %s",
+        (first,),
+    )
+    again = book(conn, bay="bay-4", start=T0, minutes=60, code="VVVVV5")
+    conn.execute("UPDATE appointments SET status = 'no_show' WHERE id = %s", (again,))
+    book(conn, bay="bay-5", start=T0, minutes=60, code="VVVVV6")
+    # Born cancelled next to a live one is fine too; completed still holds the vehicle.
+    book(conn, bay="bay-6", start=T0, minutes=60, code="VVVVV7", status="cancelled")
+    live = conn.execute(
+        "SELECT count(*) FROM appointments WHERE vehicle_id = %s "
+        "AND status NOT IN ('cancelled', 'no_show')",
+        (vehicle,),
+    ).fetchone()[0]
+    assert live == 2  # VVVVV4 and VVVVV6
+
+
+def test_idempotency_key_is_unique_among_live_appointments_only(conn) -> None:
+    def keyed(code: str, start: datetime, status: str = "scheduled") -> int:
+        customer, vehicle, _ = conn.info_ids
+        return conn.execute(
+            "INSERT INTO appointments (customer_id, vehicle_id, service_codes, status, "
+            "starts_at, ends_at, bay_id, confirmation_code, idempotency_key, cancelled_at) "
+            "VALUES (%s, %s, '{oil_change}', %s, %s, %s, 'bay-1', %s, 'K1', "
+            "CASE WHEN %s = 'cancelled' THEN now() END) RETURNING id",
+            (customer, vehicle, status, start, start + timedelta(hours=1), code, status),
+        ).fetchone()[0]
+
+    first = keyed("KKKKK1", T0)
+    with pytest.raises(psycopg.errors.UniqueViolation, match="appointments_live_idempotency_key"):
+        keyed("KKKKK2", T0 + timedelta(hours=3))
+    conn.execute(
+        "UPDATE appointments SET status = 'cancelled', cancelled_at = now() WHERE id = %s",
+        (first,),
+    )
+    keyed("KKKKK3", T0)  # the cancelled row no longer holds the key
+    keyed("KKKKK4", T0 + timedelta(hours=5), status="cancelled")
 
 
 def test_appointment_must_end_after_it_starts(conn) -> None:
@@ -112,7 +193,7 @@ def test_phone_is_unique_and_e164(conn) -> None:
 
 
 def test_vin_check_digit_enforced_by_database(conn) -> None:
-    customer, _ = conn.info_ids
+    customer, _, _ = conn.info_ids
     wrong = VIN[:8] + ("0" if VIN[8] != "0" else "1") + VIN[9:]
     assert is_valid_vin(VIN) and not is_valid_vin(wrong)
     for bad in (wrong, VIN[:16], VIN[:16] + "O"):
@@ -195,3 +276,120 @@ def test_migrate_command(fresh_db: str) -> None:
         assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(
             migration_files()
         )
+
+
+async def test_migration_0025_refuses_existing_vehicle_overlaps_and_changes_nothing(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CRM that already holds double bookings stops at 0025 with a count, untouched."""
+    import subprocess
+    import sys
+
+    import crm.migrate
+
+    everything = migration_files()
+    older = [(name, sql) for name, sql in everything if name < "0025"]
+    monkeypatch.setattr(crm.migrate, "migration_files", lambda: older)
+    await apply_migrations(fresh_db)
+    monkeypatch.undo()
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        customer = conn.execute(
+            "INSERT INTO customers (first_name, last_name, phone) "
+            "VALUES ('Ana', 'Lopez', '+13125550100') RETURNING id"
+        ).fetchone()[0]
+        a, b = (
+            conn.execute(
+                "INSERT INTO vehicles (customer_id, vin, year, make, model) "
+                "VALUES (%s, %s, 2021, 'Toyota', 'Camry') RETURNING id",
+                (customer, vin),
+            ).fetchone()[0]
+            for vin in (VIN, VIN2)
+        )
+        rows = [  # vehicle, bay, start offset (minutes), status
+            (a, "bay-1", 0, "scheduled"),
+            (a, "bay-2", 30, "confirmed"),  # overlaps the first: pair 1
+            (a, "bay-3", 60, "scheduled"),  # overlaps the second only: pair 2
+            (a, "bay-4", 0, "cancelled"),  # cancelled: not counted
+            (b, "bay-5", 0, "scheduled"),
+            (b, "bay-6", 0, "scheduled"),  # pair 3
+            (b, "bay-5", 60, "completed"),  # back to back with both: not counted
+        ]
+        ids = [
+            conn.execute(
+                "INSERT INTO appointments (customer_id, vehicle_id, service_codes, status, "
+                "starts_at, ends_at, bay_id, confirmation_code, idempotency_key, cancelled_at) "
+                "VALUES (%s, %s, '{oil_change}', %s, %s, %s, %s, %s, %s, "
+                "CASE WHEN %s = 'cancelled' THEN now() END) RETURNING id",
+                (
+                    customer,
+                    vehicle,
+                    status,
+                    T0 + timedelta(minutes=offset),
+                    T0 + timedelta(minutes=offset + 60),
+                    bay,
+                    f"MIGRT{i}",
+                    f"key-{i}",
+                    status,
+                ),
+            ).fetchone()[0]
+            for i, (vehicle, bay, offset, status) in enumerate(rows)
+        ]
+        before = conn.execute("SELECT id, status FROM appointments ORDER BY id").fetchall()
+
+    with pytest.raises(psycopg.errors.ExclusionViolation) as refused:
+        await apply_migrations(fresh_db)
+    message = str(refused.value)
+    assert "0025_vehicle_overlap" in message and "3 pair(s)" in message
+    assert f"{ids[0]}/{ids[1]}" in message and f"{ids[4]}/{ids[5]}" in message
+    assert "Nothing was changed" in (refused.value.diag.message_hint or "")
+
+    env = {"DATABASE_URL": fresh_db, "PATH": "/usr/bin:/bin"}
+    cli = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "crm.migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 1
+    assert "3 pair(s)" in cli.stderr and "Traceback" not in cli.stderr
+
+    def state() -> tuple:
+        with psycopg.connect(fresh_db) as conn:
+            return (
+                [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY 1")],
+                sorted(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT conname FROM pg_constraint "
+                        "WHERE conrelid = 'appointments'::regclass AND contype IN ('x', 'u')"
+                    )
+                ),
+                conn.execute("SELECT id, status FROM appointments ORDER BY id").fetchall(),
+            )
+
+    # Not half-migrated: no record, no new constraint, the old key constraint still there,
+    # and not one appointment touched.
+    assert state() == (
+        [name for name, _ in older],
+        sorted(
+            [
+                "appointments_confirmation_code_key",
+                "appointments_idempotency_key_key",
+                "appointments_no_bay_overlap",
+            ]
+        ),
+        before,
+    )
+
+    # Staff resolve the pairs; the migration then applies.
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE appointments SET status = 'cancelled', cancelled_at = now() WHERE id = ANY(%s)",
+            ([ids[1], ids[5]],),
+        )
+    assert await apply_migrations(fresh_db) == ["0025_vehicle_overlap.sql"] + [
+        name for name, _ in everything if name > "0025_vehicle_overlap.sql"
+    ]
+    assert "appointments_no_vehicle_overlap" in state()[1]

@@ -69,6 +69,23 @@ async def test_seeded_data_is_consistent(migrated_db: str) -> None:
             "AND b.status NOT IN ('cancelled', 'no_show')"
         ).fetchone()[0]
         assert overlaps == 0
+        # Nor two of one vehicle (on any bay), and no vehicle has two upcoming appointments
+        # for the same service (the booking tool refuses both).
+        vehicle_overlaps = conn.execute(
+            "SELECT count(*) FROM appointments a JOIN appointments b "
+            "ON a.vehicle_id = b.vehicle_id AND a.id < b.id "
+            "AND tstzrange(a.starts_at, a.ends_at) && tstzrange(b.starts_at, b.ends_at) "
+            "WHERE a.status NOT IN ('cancelled', 'no_show') "
+            "AND b.status NOT IN ('cancelled', 'no_show')"
+        ).fetchone()[0]
+        assert vehicle_overlaps == 0
+        twice = conn.execute(
+            "SELECT count(*) FROM (SELECT vehicle_id, code FROM appointments, "
+            "unnest(service_codes) AS code WHERE status IN ('scheduled', 'confirmed') "
+            "AND starts_at > %s GROUP BY vehicle_id, code HAVING count(*) > 1) d",
+            (ANCHOR,),
+        ).fetchone()[0]
+        assert twice == 0
 
         # Mileage never goes down along a vehicle's history, nor past its odometer reading.
         backwards = conn.execute(

@@ -260,7 +260,32 @@ async def test_attacks_are_refused(pool, redis_client, crm_data) -> None:
     assert unknown["error"] == "unknown_service" and "say" in unknown
 
 
+async def add_vehicles(pool, customer_id: int, count: int, *, first_serial: int) -> list[int]:
+    """``count`` more vehicles for one customer (valid, unique VINs)."""
+    ids = []
+    async with pool.connection() as conn:
+        for n in range(count):
+            vin = make_vin(
+                wmi="1HG", vds="CM826", year_code="M", plant="A", serial=f"{first_serial + n:06d}"
+            )
+            cur = await conn.execute(
+                "INSERT INTO vehicles (customer_id, vin, year, make, model) "
+                "VALUES (%s, %s, 2021, 'Honda', 'Accord') RETURNING id",
+                (customer_id, vin),
+            )
+            ids.append((await cur.fetchone())[0])
+    return ids
+
+
 async def test_fifty_concurrent_bookings_of_one_slot(pool, redis_client, crm_data) -> None:
+    """Fifty bookings of one bay and time for fifty different vehicles: one wins the bay.
+
+    (One vehicle booked fifty times is refused for another reason, "you already have that
+    time": see tests/test_bookings.py.)
+    """
+    vehicles = [crm_data["ana_vehicle"]] + await add_vehicles(
+        pool, crm_data["ana"], 49, first_serial=200000
+    )
     contexts = []
     for i in range(50):
         ctx = make_ctx(pool, redis_client, ANA_PHONE, sid=f"CA{i:032d}")
@@ -279,11 +304,11 @@ async def test_fifty_concurrent_bookings_of_one_slot(pool, redis_client, crm_dat
                 "book_appointment",
                 {
                     "slot_id": o["slot_id"],
-                    "vehicle_id": crm_data["ana_vehicle"],
+                    "vehicle_id": vehicle,
                     "service_type": "alignment",
                 },
             )
-            for ctx, o in zip(contexts, offered, strict=True)
+            for ctx, o, vehicle in zip(contexts, offered, vehicles, strict=True)
         )
     )
     winners = [r for r in results if r["ok"]]

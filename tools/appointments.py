@@ -3,8 +3,11 @@
 Availability comes from the dealership profile, the appointments table and the calendar
 backend's busy times. Slot ids are opaque and only valid in the call that was offered
 them. Bookings run in one transaction with the database's exclusion constraint as the
-final arbiter; they are idempotent per (call, slot, vehicle) and shielded from
-cancellation by :func:`tools.registry.run_tool`.
+final arbiter; they are idempotent per (call, slot, vehicle) while the booked row is live,
+and shielded from cancellation by :func:`tools.registry.run_tool`. One vehicle gets at
+most one active appointment at a time and one upcoming appointment per service; a booking
+that would break either rule is answered with the appointment in the way and an offer to
+move it.
 """
 
 from __future__ import annotations
@@ -215,12 +218,79 @@ async def _sync_calendar(ctx: ToolContext, row: crm_appointments.AppointmentRow,
         logger.warning(f"calendar sync for appointment {row.id} failed: {type(exc).__name__}")
 
 
+def _with_article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _service_names(ctx: ToolContext, codes: list[str]) -> list[str]:
+    return [(ctx.profile.service(c).spoken_name if ctx.profile.service(c) else c) for c in codes]
+
+
+def _already_booked(
+    ctx: ToolContext,
+    exc: crm_appointments.VehicleAlreadyBooked,
+    *,
+    customer_id: int,
+    vehicle: str,
+    rescheduling: bool = False,
+) -> dict[str, Any]:
+    """The answer when the vehicle already has an appointment in the way.
+
+    Names the appointment in the way (day and time, service, confirmation code) only when
+    it is the caller's own; a vehicle's previous owner's booking stays private.
+    """
+    existing = exc.existing
+    vehicle = vehicle or "vehicle"
+    same_time = exc.reason == "overlap"
+    unchanged = " Your original appointment is unchanged." if rescheduling else ""
+    result: dict[str, Any] = {
+        "ok": False,
+        "error": "already_booked",
+        "reason": "same_time" if same_time else "same_service",
+    }
+    if existing is None or existing.customer_id != customer_id:
+        result["say"] = (
+            "That vehicle already has an appointment at that time." + unchanged
+            if same_time
+            else "That vehicle already has that service booked." + unchanged
+        )
+        return result
+    when = speakable(existing.starts_at, ctx.profile.time_zone)
+    services = _service_names(ctx, list(existing.service_codes))
+    what = _with_article(" and ".join(services))
+    if rescheduling:
+        result["say"] = (
+            f"Your {vehicle} already has {what} booked then, on {when}, so I can't move "
+            f"this one there.{unchanged} Would you like a different time?"
+        )
+    elif same_time:
+        result["say"] = (
+            f"You already have {what} booked for your {vehicle} then, on {when}. "
+            "Would you like to move it instead?"
+        )
+    else:
+        result["say"] = (
+            f"Your {vehicle} already has {what} booked for {when}. "
+            "Would you like to move that appointment instead?"
+        )
+    result["existing_appointment"] = {
+        "appointment_id": existing.id,
+        "when": when,
+        "services": services,
+        "confirmation_code": existing.confirmation_code,
+        "confirmation_code_spoken": spell_code(existing.confirmation_code),
+    }
+    return result
+
+
 @tool(
     name="book_appointment",
     description=(
         "Book a slot from check_availability for a VERIFIED caller's vehicle. Confirm the "
         "day, time, vehicle and transportation with the caller first. Read the returned "
-        "confirmation code back to the caller."
+        "confirmation code back to the caller. If the vehicle already has that time or that "
+        "service booked, the result says so and names the existing appointment: offer to "
+        "move it with reschedule_appointment instead of booking again."
     ),
     properties={
         "slot_id": {"type": "string", "description": "slot_id from check_availability."},
@@ -256,6 +326,7 @@ async def book_appointment(
         bay_id=slot.bay_id,
         starts_at=slot.starts_at,
         vehicle_id=int(vehicle_id),
+        service_codes=[service.code],
     )
     try:
         async with ctx.db.connection() as conn, conn.transaction():
@@ -275,7 +346,10 @@ async def book_appointment(
                 notes=notes,
                 loaner_cars=ctx.profile.loaner_cars,
                 calendar_sync_state=getattr(ctx.calendar, "initial_sync_state", "not_required"),
+                one_per_service_after=_now(ctx),
             )
+    except crm_appointments.VehicleAlreadyBooked as exc:
+        return _already_booked(ctx, exc, customer_id=customer_id, vehicle=describe_vehicle(vehicle))
     except crm_appointments.SlotTaken:
         return {
             "ok": False,
@@ -321,10 +395,7 @@ async def list_appointments(ctx: ToolContext) -> dict[str, Any]:
             {
                 "appointment_id": r.id,
                 "when": speakable(r.starts_at, ctx.profile.time_zone),
-                "services": [
-                    (ctx.profile.service(c).spoken_name if ctx.profile.service(c) else c)
-                    for c in r.service_codes
-                ],
+                "services": _service_names(ctx, list(r.service_codes)),
                 "vehicle": describe_vehicle(vehicles[r.vehicle_id])
                 if r.vehicle_id in vehicles
                 else None,
@@ -379,9 +450,19 @@ async def reschedule_appointment(
                     "this appointment's service.",
                     code="slot_service_mismatch",
                 )
-            await crm_appointments.cancel_appointment(
+            # The vehicle lock comes before the appointment row lock, in the same order as
+            # a booking takes them, so a concurrent booking and reschedule cannot deadlock.
+            await crm_appointments.lock_vehicle(conn, vehicle_id=old.vehicle_id)
+            cancelled = await crm_appointments.cancel_appointment(
                 conn, appointment_id=old.id, customer_id=customer_id, reason="rescheduled"
             )
+            if cancelled is None:  # changed by someone else since we read it
+                raise ToolRefusal(
+                    "That appointment was just changed, so I can't move it. Let me check "
+                    "your appointments again.",
+                    code="not_changeable",
+                )
+            vehicles = await crm_vehicles.list_vehicles(conn, customer_id)
             row = await crm_appointments.insert_appointment(
                 conn,
                 customer_id=customer_id,
@@ -398,7 +479,14 @@ async def reschedule_appointment(
                 loaner_cars=ctx.profile.loaner_cars,
                 calendar_sync_state=getattr(ctx.calendar, "initial_sync_state", "not_required"),
             )
-            vehicles = await crm_vehicles.list_vehicles(conn, customer_id)
+    except crm_appointments.VehicleAlreadyBooked as exc:
+        return _already_booked(
+            ctx,
+            exc,
+            customer_id=customer_id,
+            vehicle=next((describe_vehicle(v) for v in vehicles if v.id == old.vehicle_id), ""),
+            rescheduling=True,
+        )
     except crm_appointments.SlotTaken:
         return {
             "ok": False,
