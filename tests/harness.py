@@ -12,10 +12,11 @@ import contextlib
 import json
 import re
 import socket
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from html import unescape
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
@@ -287,3 +288,75 @@ async def running_agent(
             await http.aclose()
             server.should_exit = True
             await asyncio.wait_for(task, 30)
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class ThreadedAgent:
+    """A running agent served from its own event loop in a background thread.
+
+    Synchronous tests (hypothesis ``@given`` ones) talk to it over ``base_url`` with
+    synchronous clients; :meth:`run` runs a coroutine on the agent's loop (e.g. to read
+    the fakes' state or the database through the app's resources).
+    """
+
+    agent: Agent
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the server."""
+        return self.agent.base_url
+
+    def run(self, coro: Awaitable[T], timeout: float = 30.0) -> T:
+        """Run ``coro`` on the agent's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def agent_in_thread(**kwargs: Any) -> Iterator[ThreadedAgent]:
+    """:func:`running_agent` in a background thread with its own event loop.
+
+    Lets one server serve a whole test module of synchronous tests (a module-scoped
+    fixture), which hypothesis needs: its examples cannot share a per-test event loop.
+
+    Args:
+        **kwargs: Passed to :func:`running_agent`.
+
+    Yields:
+        The threaded agent; stopped (and the thread joined) on exit.
+    """
+    ready: dict[str, Any] = {}
+    started = threading.Event()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        try:
+            async with running_agent(**kwargs) as agent:
+                ready["agent"] = agent
+                started.set()
+                await stop.wait()
+        except BaseException as exc:
+            ready["error"] = exc
+            started.set()
+            raise
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(serve())
+        loop.close()
+
+    thread = threading.Thread(target=main, name="agent-in-thread", daemon=True)
+    thread.start()
+    started.wait(120)
+    if "agent" not in ready:
+        raise RuntimeError(f"the agent did not start: {ready.get('error')!r}")
+    try:
+        yield ThreadedAgent(agent=ready["agent"], loop=loop)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(60)
