@@ -79,7 +79,7 @@ async def _read_form(request: Request) -> dict[str, str]:
     """The webhook's url-encoded form, read with a size cap (the last value of a repeated
     field wins, as in Starlette's form parsing)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/x-www-form-urlencoded":
+    if content_type not in ("", "application/x-www-form-urlencoded"):
         raise BadWebhook(415, "expected an application/x-www-form-urlencoded body")
     body = bytearray()
     try:
@@ -94,10 +94,7 @@ async def _read_form(request: Request) -> dict[str, str]:
         pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_WEBHOOK_FIELDS)
     except (UnicodeDecodeError, ValueError):
         raise BadWebhook(400, "malformed form body") from None
-    form = dict(pairs)
-    if any("\x00" in k or "\x00" in v for k, v in form.items()):
-        raise BadWebhook(400, "form fields must not contain NUL characters")
-    return form
+    return dict(pairs)
 
 
 async def _signed_form(request: Request) -> dict[str, str]:
@@ -114,6 +111,8 @@ async def _signed_form(request: Request) -> dict[str, str]:
     ):
         logger.warning(f"rejected unsigned or mis-signed Twilio request to {request.url.path}")
         raise BadWebhook(403, "invalid signature")
+    if any("\x00" in k or "\x00" in v for k, v in form.items()):
+        raise BadWebhook(400, "form fields must not contain NUL characters")
     return form
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import socket
 import threading
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import httpx
 import psycopg
 import uvicorn
+from loguru import logger
 from psycopg.rows import dict_row
 from twilio.request_validator import RequestValidator
 
@@ -360,3 +362,43 @@ def agent_in_thread(**kwargs: Any) -> Iterator[ThreadedAgent]:
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(60)
+
+
+class LogCapture:
+    """Loguru lines (WARNING and up, tracebacks included) and uvicorn's error log records,
+    while active.
+
+    Enter it after the server has started when the server is built inside the block
+    (uvicorn's logging setup replaces the handlers of its loggers).
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.uvicorn: list[str] = []
+        self._sink: int | None = None
+        self._handler = logging.Handler()
+        self._handler.emit = lambda record: self.uvicorn.append(  # type: ignore[method-assign]
+            record.getMessage() + (" Traceback" if record.exc_info else "")
+        )
+
+    def __enter__(self) -> LogCapture:
+        self._sink = logger.add(self.lines.append, level="WARNING", diagnose=False)
+        logging.getLogger("uvicorn.error").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._sink is not None
+        logger.remove(self._sink)
+        logging.getLogger("uvicorn.error").removeHandler(self._handler)
+
+    @property
+    def text(self) -> str:
+        """The loguru lines, joined."""
+        return "".join(self.lines)
+
+    def assert_clean(self) -> None:
+        """No traceback and no unhandled ASGI exception was logged."""
+        assert "Traceback" not in self.text, self.text
+        assert not any("Exception in ASGI" in m or "Traceback" in m for m in self.uvicorn), (
+            self.uvicorn
+        )

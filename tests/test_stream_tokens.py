@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
 import time
 from datetime import datetime
@@ -20,7 +19,6 @@ import redis.asyncio as aioredis
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loguru import logger
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -30,7 +28,14 @@ from bot import twilio as tw
 from runner import create_app, uvicorn_config
 from seed_data import seed
 from tests.fakes.twilio_media import TwilioMediaClient, new_sid
-from tests.harness import ACCOUNT_SID, free_port, parse_stream_twiml, running_agent, sign
+from tests.harness import (
+    ACCOUNT_SID,
+    LogCapture,
+    free_port,
+    parse_stream_twiml,
+    running_agent,
+    sign,
+)
 
 MARIA = "+15555550100"
 JAMES = "+15555550101"
@@ -219,40 +224,6 @@ async def crm_db(migrated_db: str) -> str:
     return migrated_db
 
 
-class LogCapture:
-    """Loguru lines (with tracebacks) and uvicorn's error log records while active."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.uvicorn: list[str] = []
-        self._sink: int | None = None
-        self._handler = logging.Handler()
-        self._handler.emit = lambda record: self.uvicorn.append(  # type: ignore[method-assign]
-            record.getMessage() + (" Traceback" if record.exc_info else "")
-        )
-
-    def __enter__(self) -> LogCapture:
-        self._sink = logger.add(self.lines.append, level="WARNING", diagnose=False)
-        logging.getLogger("uvicorn.error").addHandler(self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._sink is not None
-        logger.remove(self._sink)
-        logging.getLogger("uvicorn.error").removeHandler(self._handler)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def assert_clean(self) -> None:
-        """No traceback and no unhandled ASGI exception was logged."""
-        assert "Traceback" not in self.text, self.text
-        assert not any("Exception in ASGI" in m or "Traceback" in m for m in self.uvicorn), (
-            self.uvicorn
-        )
-
-
 def ws_url(agent) -> str:
     return agent.base_url.replace("http://", "ws://") + "/twilio/media"
 
@@ -274,8 +245,8 @@ async def _refused(agent, call_sid: str, params: dict[str, Any]) -> int | None:
 
 
 async def test_a_stream_token_opens_one_stream_once(crm_db: str, redis_server_url: str) -> None:
-    with LogCapture() as logs:
-        async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        with LogCapture() as logs:  # after the start: uvicorn's logging setup resets handlers
             call = await agent.inbound_call(MARIA)
             await call.wait_for_bot_audio(min_seconds=0.3, timeout=20)
             token_params = dict(call.custom_parameters)
@@ -309,8 +280,8 @@ async def test_a_stream_token_opens_one_stream_once(crm_db: str, redis_server_ur
 
 
 async def test_changed_parameters_void_a_valid_token(crm_db: str, redis_server_url: str) -> None:
-    with LogCapture() as logs:
-        async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        with LogCapture() as logs:  # after the start: uvicorn's logging setup resets handlers
             call_sid = new_sid("CA")
             path = "/twilio/outbound?scenario=confirmation&customer_id=2&attempt_id=7"
             form = {"CallSid": call_sid, "To": JAMES, "AnsweredBy": "human"}
@@ -391,8 +362,8 @@ ODD_FIRST_MESSAGES: list[str | bytes] = [
 
 
 async def test_odd_start_messages_are_refused_cleanly(crm_db: str, redis_server_url: str) -> None:
-    with LogCapture() as logs:
-        async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        with LogCapture() as logs:  # after the start: uvicorn's logging setup resets handlers
             for message in ODD_FIRST_MESSAGES:
                 async with connect(ws_url(agent), max_size=2**22) as ws:
                     await ws.send(json.dumps({"event": "connected", "protocol": "Call"}))
@@ -411,8 +382,8 @@ async def test_odd_start_messages_are_refused_cleanly(crm_db: str, redis_server_
 
 
 async def test_odd_webhook_input_gets_a_clear_4xx(crm_db: str, redis_server_url: str) -> None:
-    with LogCapture() as logs:
-        async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        with LogCapture() as logs:  # after the start: uvicorn's logging setup resets handlers
             sid = new_sid("CA")
             cases: list[tuple[str, dict[str, str], int]] = [
                 (
