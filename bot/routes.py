@@ -2,9 +2,13 @@
 
 ``POST /twilio/voice`` (inbound webhook) and ``POST /twilio/outbound`` (answered outbound
 call) check ``X-Twilio-Signature`` against ``PUBLIC_BASE_URL`` + path and answer TwiML
-that connects a media stream carrying the caller's number and a short-lived per-call
-token. ``WS /twilio/media`` accepts the stream only with a valid token for its CallSid.
-``POST /twilio/status`` records status callbacks idempotently.
+that connects a media stream. Its parameters (caller, direction, scenario, customer and
+campaign attempt) travel with a short-lived token that signs all of them together with
+the CallSid (:func:`bot.twilio.make_stream_token`). ``WS /twilio/media`` runs the bot only
+for a valid token, used once, and only if no other stream of the call is live or has
+ended (Redis markers, so across processes); anything else is closed with 1008.
+``POST /twilio/status`` records status callbacks idempotently. Every webhook answers 503
+naming the missing settings while calls are disabled, and 4xx to input of the wrong shape.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import math
 import re
 import secrets
@@ -19,6 +20,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import redis.asyncio as aioredis
 from loguru import logger
+from pipecat.frames.frames import Frame
 from pipecat.serializers.twilio import TwilioFrameSerializer
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
@@ -418,9 +420,41 @@ class DealershipTwilioSerializer(TwilioFrameSerializer):
     hang it up.
     """
 
+    _odd_messages = 0
+
     def suppress_hang_up(self) -> None:
         """Do not hang the call up when the pipeline ends."""
         self._hangup_attempted = True
+
+    async def deserialize(self, data: str | bytes) -> Frame | None:
+        """Pipecat's deserialization, with messages of any other shape dropped.
+
+        Pipecat's serializer raises on some shapes (``[1]``, ``"media": null``, a payload
+        that is not base64), which ends the call, and logs non-JSON messages as they are.
+        A message that is not one Twilio sends is dropped here with a warning that does
+        not quote it (the first one, then every hundredth).
+        """
+        try:
+            message = json.loads(data)
+        except (ValueError, TypeError, RecursionError):
+            message = None
+        event = message.get("event") if isinstance(message, dict) else None
+        body = message.get(event) if isinstance(event, str) and event in ("media", "dtmf") else {}
+        if not isinstance(message, dict) or not isinstance(body, dict):
+            return self._dropped("not a Twilio message")
+        try:
+            return await super().deserialize(data)
+        except Exception as exc:
+            return self._dropped(type(exc).__name__)
+
+    def _dropped(self, why: str) -> None:
+        self._odd_messages += 1
+        if self._odd_messages % 100 == 1:
+            logger.warning(
+                f"call {self._call_sid}: dropped {self._odd_messages} odd media-stream "
+                f"message(s) ({why})"
+            )
+        return None
 
 
 class TwilioCallControl:
