@@ -96,8 +96,9 @@ def signature_is_valid(
 SIGNED_STREAM_PARAMETERS = ("caller", "direction", "scenario", "customer_id", "attempt_id")
 STREAM_DIRECTIONS = ("inbound", "outbound")
 STREAM_SCENARIOS = ("inbound", "service_due", "confirmation")
-#: Longest value accepted for a signed parameter (a number, a scenario name, an id).
-MAX_STREAM_PARAMETER_CHARS = 64
+#: Longest value accepted for a signed parameter (a number or SIP address, a scenario
+#: name, an id).
+MAX_STREAM_PARAMETER_CHARS = 128
 #: Longest database id accepted in ``customer_id`` / ``attempt_id`` (fits a bigint).
 MAX_ID_DIGITS = 18
 _TOKEN_VERSION = "v2"
