@@ -369,9 +369,12 @@ class LiveCallMarker:
         while True:
             await asyncio.sleep(self._ttl / 3)
             try:
-                await self.refresh()
+                if not await self.refresh():
+                    logger.warning(f"{self.live_key}: live-call marker lost (expired)")
             except Exception as exc:
-                logger.warning(f"live-call marker not refreshed: {type(exc).__name__}")
+                logger.warning(
+                    f"{self.live_key}: live-call marker not refreshed: {type(exc).__name__}"
+                )
 
     async def release(self) -> None:
         """The call ended: leave an "ended" marker, then remove the live marker."""

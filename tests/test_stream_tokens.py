@@ -206,10 +206,14 @@ async def test_one_live_marker_per_call_across_processes(redis_client: aioredis.
     assert not await redis_client.exists(first.live_key)
     assert 0 < await redis_client.ttl(first.ended_key) <= tw.STREAM_TOKEN_TTL_SECS
     assert await tw.LiveCallMarker(redis_client, sid).acquire() is False  # the call ended
-    # A marker left by a dead process expires by itself.
+    # A running call keeps its marker; a marker left by a dead process expires by itself.
+    running = tw.LiveCallMarker(redis_client, new_sid("CA"), ttl=1)
     crashed = tw.LiveCallMarker(redis_client, new_sid("CA"), ttl=1)
-    assert await crashed.acquire()
+    assert await running.acquire() and await crashed.acquire()
+    keep_alive = asyncio.create_task(running.keep_alive())
     await asyncio.sleep(2.1)
+    keep_alive.cancel()
+    assert await redis_client.exists(running.live_key)
     assert not await redis_client.exists(crashed.live_key)
 
 
