@@ -2,15 +2,24 @@
 
 ``POST /twilio/voice`` (inbound webhook) and ``POST /twilio/outbound`` (answered outbound
 call) check ``X-Twilio-Signature`` against ``PUBLIC_BASE_URL`` + path and answer TwiML
-that connects a media stream carrying the caller's number and a short-lived per-call
-token. ``WS /twilio/media`` accepts the stream only with a valid token for its CallSid.
-``POST /twilio/status`` records status callbacks idempotently.
+that connects a media stream. Its parameters (caller, direction, scenario, customer and
+campaign attempt) travel with a short-lived token that signs all of them together with
+the CallSid (:func:`telephony.twilio.make_stream_token`). ``WS /twilio/media`` runs the bot only
+for a valid token, used once, and only if no other stream of the call is live or has
+ended (Redis markers, so across processes); anything else is closed with 1008.
+``POST /twilio/status`` records status callbacks idempotently. Every webhook answers 503
+naming the missing settings while calls are disabled, and 4xx to input of the wrong shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import PlainTextResponse, Response
@@ -19,7 +28,9 @@ from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketParams,
     FastAPIWebsocketTransport,
 )
-from starlette.websockets import WebSocketDisconnect
+from redis.exceptions import RedisError
+from starlette.requests import ClientDisconnect
+from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from bot.pipeline import run_call
 from campaigns.dialer import record_call_outcome, record_call_status
@@ -34,6 +45,11 @@ WS_POLICY_VIOLATION = 1008
 WS_TRY_AGAIN_LATER = 1013
 #: Bytes; Twilio media messages are well under 1 KiB.
 MAX_MEDIA_MESSAGE_BYTES = 16 * 1024
+#: Twilio webhook forms are a few dozen short fields.
+MAX_WEBHOOK_BODY_BYTES = 64 * 1024
+MAX_WEBHOOK_FIELDS = 200
+_CALL_STATUS_RE = re.compile(r"[a-z][a-z-]{0,31}")
+_SEQUENCE_RE = re.compile(r"[0-9]{1,9}")
 START_TIMEOUT_SECS = 10.0
 VOICEMAIL_TEXT = (
     "Hi, this is the AI assistant from {name} service, calling about your vehicle. "
@@ -45,9 +61,50 @@ def _resources(request: Request | WebSocket) -> AppResources:
     return request.app.state.resources
 
 
-async def _signed_form(request: Request) -> dict[str, str] | None:
+class BadWebhook(Exception):
+    """A webhook request that gets a clear 4xx answer.
+
+    Args:
+        status: HTTP status of the answer.
+        message: Short plain-text body (no request content echoed).
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def response(self) -> Response:
+        """The plain-text answer."""
+        return PlainTextResponse(self.message, status_code=self.status)
+
+
+async def _read_form(request: Request) -> dict[str, str]:
+    """The webhook's url-encoded form, read with a size cap (the last value of a repeated
+    field wins, as in Starlette's form parsing)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("", "application/x-www-form-urlencoded"):
+        raise BadWebhook(415, "expected an application/x-www-form-urlencoded body")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_WEBHOOK_BODY_BYTES:
+                raise BadWebhook(413, "request body too large")
+    except ClientDisconnect:
+        raise BadWebhook(400, "client disconnected") from None
+    try:
+        text = body.decode("utf-8")
+        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_WEBHOOK_FIELDS)
+    except (UnicodeDecodeError, ValueError):
+        raise BadWebhook(400, "malformed form body") from None
+    return dict(pairs)
+
+
+async def _signed_form(request: Request) -> dict[str, str]:
+    """The form of a webhook whose ``X-Twilio-Signature`` is valid (403 otherwise)."""
     resources = _resources(request)
-    form = {k: str(v) for k, v in (await request.form()).items()}
+    form = await _read_form(request)
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     url = tw.public_url(resources.settings, path)
     if not tw.signature_is_valid(
@@ -57,8 +114,32 @@ async def _signed_form(request: Request) -> dict[str, str] | None:
         signature=request.headers.get("X-Twilio-Signature"),
     ):
         logger.warning(f"rejected unsigned or mis-signed Twilio request to {request.url.path}")
-        return None
+        raise BadWebhook(403, "invalid signature")
+    if any("\x00" in k or "\x00" in v for k, v in form.items()):
+        raise BadWebhook(400, "form fields must not contain NUL characters")
     return form
+
+
+def _call_sid(form: dict[str, str]) -> str:
+    call_sid = form.get("CallSid", "")
+    if not tw.is_call_sid(call_sid):
+        raise BadWebhook(400, "CallSid missing or malformed")
+    return call_sid
+
+
+def _phone_field(form: dict[str, str], name: str) -> str:
+    value = form.get(name, "")
+    if not tw.is_printable_text(value, max_chars=tw.MAX_STREAM_PARAMETER_CHARS):
+        raise BadWebhook(400, f"{name} malformed")
+    return value
+
+
+def _id_query(request: Request, name: str) -> str:
+    """A decimal id query parameter (``""`` when absent); 400 when it is not one."""
+    value = request.query_params.get(name, "")
+    if value and tw.parse_id(value) is None:
+        raise BadWebhook(400, f"{name} must be a positive integer of at most 18 digits")
+    return value
 
 
 def _xml(body: str) -> Response:
@@ -70,26 +151,28 @@ def _calls_enabled(resources: AppResources) -> str | None:
     return ", ".join(missing) if missing else None
 
 
+def _calls_disabled_response(missing: str) -> Response:
+    return PlainTextResponse(f"calls disabled: missing {missing}", status_code=503)
+
+
 @router.post("/twilio/voice")
 async def twilio_voice(request: Request) -> Response:
     """Inbound call webhook: connect the call to the media stream."""
     resources = _resources(request)
     if missing := _calls_enabled(resources):
-        return PlainTextResponse(f"calls disabled: missing {missing}", status_code=503)
-    form = await _signed_form(request)
-    if form is None:
-        return PlainTextResponse("invalid signature", status_code=403)
-    call_sid = form.get("CallSid", "")
-    logger.info(f"inbound call {call_sid} from {mask_phone(form.get('From'))}")
+        return _calls_disabled_response(missing)
+    try:
+        form = await _signed_form(request)
+        call_sid = _call_sid(form)
+        caller = _phone_field(form, "From")
+    except BadWebhook as bad:
+        return bad.response()
+    logger.info(f"inbound call {call_sid} from {mask_phone(caller)}")
+    claims = tw.StreamClaims(call_sid=call_sid, caller=caller)
     return _xml(
         tw.connect_stream_twiml(
             tw.media_stream_url(resources.settings),
-            {
-                "caller": form.get("From", ""),
-                "direction": "inbound",
-                "scenario": "inbound",
-                "token": tw.make_stream_token(resources.settings, call_sid),
-            },
+            tw.stream_parameters(resources.settings, claims),
         )
     )
 
@@ -98,13 +181,19 @@ async def twilio_voice(request: Request) -> Response:
 async def twilio_outbound(request: Request) -> Response:
     """An outbound call was answered: the bot for a person, a voicemail for a machine."""
     resources = _resources(request)
-    form = await _signed_form(request)
-    if form is None:
-        return PlainTextResponse("invalid signature", status_code=403)
-    scenario = request.query_params.get("scenario", "service_due")
-    if scenario not in ("service_due", "confirmation"):
-        return PlainTextResponse("unknown scenario", status_code=400)
-    call_sid = form.get("CallSid", "")
+    if missing := _calls_enabled(resources):
+        return _calls_disabled_response(missing)
+    try:
+        form = await _signed_form(request)
+        scenario = request.query_params.get("scenario", "service_due")
+        if scenario not in ("service_due", "confirmation"):
+            raise BadWebhook(400, "unknown scenario")
+        customer_id = _id_query(request, "customer_id")
+        attempt_id = _id_query(request, "attempt_id")
+        call_sid = _call_sid(form)
+        caller = _phone_field(form, "To")
+    except BadWebhook as bad:
+        return bad.response()
     answered_by = form.get("AnsweredBy", "")
     if answered_by.startswith("machine") or answered_by == "fax":
         logger.info(f"outbound call {call_sid} reached voicemail")
@@ -122,17 +211,18 @@ async def twilio_outbound(request: Request) -> Response:
                 VOICEMAIL_TEXT.format(name=profile.name, number=_spoken(profile.phone_number))
             )
         )
+    claims = tw.StreamClaims(
+        call_sid=call_sid,
+        caller=caller,
+        direction="outbound",
+        scenario=scenario,
+        customer_id=customer_id,
+        attempt_id=attempt_id,
+    )
     return _xml(
         tw.connect_stream_twiml(
             tw.media_stream_url(resources.settings),
-            {
-                "caller": form.get("To", ""),
-                "direction": "outbound",
-                "scenario": scenario,
-                "customer_id": request.query_params.get("customer_id", ""),
-                "attempt_id": request.query_params.get("attempt_id", ""),
-                "token": tw.make_stream_token(resources.settings, call_sid),
-            },
+            tw.stream_parameters(resources.settings, claims),
         )
     )
 
@@ -146,12 +236,20 @@ def _spoken(number: str) -> str:
 async def twilio_status(request: Request) -> Response:
     """Status callbacks: recorded once per (call, status, sequence)."""
     resources = _resources(request)
-    form = await _signed_form(request)
-    if form is None:
-        return PlainTextResponse("invalid signature", status_code=403)
-    call_sid = form.get("CallSid", "")
-    status = form.get("CallStatus", "unknown")
-    sequence = int(form.get("SequenceNumber", "0") or 0)
+    if missing := _calls_enabled(resources):
+        return _calls_disabled_response(missing)
+    try:
+        form = await _signed_form(request)
+        call_sid = _call_sid(form)
+        status = form.get("CallStatus") or "unknown"
+        if not _CALL_STATUS_RE.fullmatch(status):
+            raise BadWebhook(400, "CallStatus malformed")
+        sequence_text = form.get("SequenceNumber") or "0"
+        if not _SEQUENCE_RE.fullmatch(sequence_text):
+            raise BadWebhook(400, "SequenceNumber must be a non-negative integer")
+    except BadWebhook as bad:
+        return bad.response()
+    sequence = int(sequence_text)
     safe = {k: v for k, v in form.items() if k not in ("From", "To", "Caller", "Called")}
     async with resources.db.connection() as conn:
         new = await crm_calls.record_status_callback(
@@ -172,16 +270,122 @@ async def twilio_status(request: Request) -> Response:
     return PlainTextResponse("", status_code=204)
 
 
-async def _read_start(websocket: WebSocket) -> dict | None:
-    """Read Twilio's ``connected`` and ``start`` messages; ``None`` if malformed."""
-    for _ in range(3):
-        raw = await asyncio.wait_for(websocket.receive_text(), timeout=START_TIMEOUT_SECS)
+@dataclass(frozen=True)
+class StreamStart:
+    """The fields of Twilio's ``start`` message the server uses.
+
+    Attributes:
+        call_sid: ``start.callSid``.
+        stream_sid: ``start.streamSid``.
+        parameters: ``start.customParameters`` (string values only).
+    """
+
+    call_sid: str
+    stream_sid: str
+    parameters: dict[str, str]
+
+
+class StreamRefused(Exception):
+    """A media stream that is closed before the bot runs.
+
+    Args:
+        reason: Why, for the log (never the message content: it may hold PII).
+        code: Websocket close code.
+    """
+
+    def __init__(self, reason: str, code: int = WS_POLICY_VIOLATION) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+def _parse_start(message: dict[str, Any]) -> StreamStart:
+    start = message.get("start")
+    if not isinstance(start, dict):
+        raise StreamRefused("start message without a start object")
+    call_sid = start.get("callSid")
+    stream_sid = start.get("streamSid")
+    if not tw.is_call_sid(call_sid) or not tw.is_stream_sid(stream_sid):
+        raise StreamRefused("start message without a well-formed callSid and streamSid")
+    params = start.get("customParameters", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+        raise StreamRefused("customParameters is not an object of strings")
+    return StreamStart(call_sid=call_sid, stream_sid=stream_sid, parameters=params)
+
+
+async def _read_start(websocket: WebSocket) -> StreamStart:
+    """Read Twilio's ``connected`` and ``start`` messages.
+
+    Raises:
+        StreamRefused: Anything else, in any shape, or nothing in time.
+    """
+    for _ in range(2):
+        try:
+            received = await asyncio.wait_for(websocket.receive(), timeout=START_TIMEOUT_SECS)
+        except TimeoutError:
+            raise StreamRefused("no start message in time") from None
+        if received.get("type") == "websocket.disconnect":
+            raise StreamRefused("disconnected before the start message")
+        raw = received.get("text")
+        if not isinstance(raw, str):
+            raise StreamRefused("binary message before the start message")
         if len(raw) > MAX_MEDIA_MESSAGE_BYTES:
-            return None
-        message = json.loads(raw)
-        if message.get("event") == "start":
-            return message
-    return None
+            raise StreamRefused("start message too large")
+        try:
+            message = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise StreamRefused("message before the start is not JSON") from None
+        if not isinstance(message, dict):
+            raise StreamRefused("message before the start is not a JSON object")
+        event = message.get("event")
+        if event == "start":
+            return _parse_start(message)
+        if event != "connected":
+            raise StreamRefused("unexpected event before the start message")
+    raise StreamRefused("no start message after connected")
+
+
+async def _close(websocket: WebSocket, code: int) -> None:
+    """Close the socket unless the client is already gone."""
+    if websocket.client_state == WebSocketState.DISCONNECTED:
+        return
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+        await websocket.close(code=code)
+
+
+async def _admit_stream(resources: AppResources, websocket: WebSocket) -> StreamAdmission:
+    """Check the start message, the token, its single use and the call's single stream.
+
+    Raises:
+        StreamRefused: The stream must be closed (1008; 1013 while Redis is unreachable).
+    """
+    settings = resources.settings
+    start = await _read_start(websocket)
+    token = tw.verify_stream_token(settings, call_sid=start.call_sid, parameters=start.parameters)
+    if token is None:
+        raise StreamRefused("missing, invalid or expired stream token")
+    marker = tw.LiveCallMarker(resources.redis, start.call_sid)
+    try:
+        if not await tw.consume_stream_token(resources.redis, token):
+            raise StreamRefused("stream token already used")
+        if not await marker.acquire():
+            raise StreamRefused("the call already has a live stream or has ended")
+    except (RedisError, OSError) as exc:
+        raise StreamRefused(
+            f"Redis unreachable ({type(exc).__name__})", code=WS_TRY_AGAIN_LATER
+        ) from None
+    return StreamAdmission(start=start, claims=token.claims, marker=marker)
+
+
+@dataclass(frozen=True)
+class StreamAdmission:
+    """An admitted media stream: its start message, verified claims and live marker."""
+
+    start: StreamStart
+    claims: tw.StreamClaims
+    marker: tw.LiveCallMarker
 
 
 @router.websocket("/twilio/media")
@@ -191,25 +395,16 @@ async def twilio_media(websocket: WebSocket) -> None:
     settings = resources.settings
     await websocket.accept()
     try:
-        start = await _read_start(websocket)
-    except (TimeoutError, json.JSONDecodeError, WebSocketDisconnect, KeyError):
-        start = None
-    info = (start or {}).get("start", {})
-    call_sid = info.get("callSid", "")
-    stream_sid = info.get("streamSid", "")
-    params = info.get("customParameters") or {}
-    if not (
-        start
-        and call_sid
-        and stream_sid
-        and tw.stream_token_is_valid(settings, call_sid, params.get("token"))
-    ):
-        logger.warning("media stream refused: missing or invalid stream token")
-        await websocket.close(code=WS_POLICY_VIOLATION)
+        if missing := _calls_enabled(resources):
+            raise StreamRefused(f"calls disabled: missing {missing}", code=WS_TRY_AGAIN_LATER)
+        admission = await _admit_stream(resources, websocket)
+    except StreamRefused as refused:
+        logger.warning(f"media stream refused: {refused.reason}")
+        await _close(websocket, refused.code)
         return
-    if _calls_enabled(resources):
-        await websocket.close(code=WS_TRY_AGAIN_LATER)
-        return
+    call_sid = admission.start.call_sid
+    stream_sid = admission.start.stream_sid
+    claims = admission.claims
 
     assert settings.twilio_auth_token is not None
     serializer = tw.DealershipTwilioSerializer(
@@ -228,18 +423,19 @@ async def twilio_media(websocket: WebSocket) -> None:
             serializer=serializer,
         ),
     )
-    customer_id = params.get("customer_id")
     session = CallSession(
         call_sid=call_sid,
-        caller_phone=params.get("caller") or None,
-        direction="outbound" if params.get("direction") == "outbound" else "inbound",
-        scenario=params.get("scenario") or "inbound",
+        caller_phone=claims.caller or None,
+        direction="outbound" if claims.direction == "outbound" else "inbound",
+        scenario=claims.scenario,
     )
-    if customer_id and customer_id.isdigit():
-        await _preload_customer(resources, session, int(customer_id))
+    customer_id = tw.parse_id(claims.customer_id)
+    if customer_id is not None:
+        await _preload_customer(resources, session, customer_id)
     registry = getattr(websocket.app.state, "active_calls", None)
     if registry is not None:
         registry[call_sid] = session
+    keep_alive = asyncio.create_task(admission.marker.keep_alive(), name=f"live-marker-{call_sid}")
     try:
         await run_call(
             transport=transport,
@@ -252,6 +448,13 @@ async def twilio_media(websocket: WebSocket) -> None:
         logger.opt(exception=exc).error(f"call {call_sid} crashed: {type(exc).__name__}")
         await _hang_up_after_crash(settings, call_sid)
     finally:
+        keep_alive.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keep_alive
+        try:
+            await admission.marker.release()
+        except Exception as exc:
+            logger.warning(f"call {call_sid}: live-call marker not released: {type(exc).__name__}")
         if registry is not None:
             registry.pop(call_sid, None)
         if session.direction == "outbound":
@@ -274,8 +477,12 @@ def _call_options(websocket: WebSocket):
 async def _preload_customer(resources: AppResources, session: CallSession, cid: int) -> None:
     from crm.customers import get_identity
 
-    async with resources.db.connection() as conn:
-        identity = await get_identity(conn, cid)
+    try:
+        async with resources.db.connection() as conn:
+            identity = await get_identity(conn, cid)
+    except Exception as exc:  # the call goes on; the bot identifies the caller itself
+        logger.warning(f"call {session.call_sid}: customer not preloaded: {type(exc).__name__}")
+        return
     if identity is not None:
         session.match_customer(
             customer_id=identity.id,

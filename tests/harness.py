@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import socket
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from html import unescape
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
 import uvicorn
+from loguru import logger
 from psycopg.rows import dict_row
 from twilio.request_validator import RequestValidator
 
@@ -287,3 +290,115 @@ async def running_agent(
             await http.aclose()
             server.should_exit = True
             await asyncio.wait_for(task, 30)
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class ThreadedAgent:
+    """A running agent served from its own event loop in a background thread.
+
+    Synchronous tests (hypothesis ``@given`` ones) talk to it over ``base_url`` with
+    synchronous clients; :meth:`run` runs a coroutine on the agent's loop (e.g. to read
+    the fakes' state or the database through the app's resources).
+    """
+
+    agent: Agent
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the server."""
+        return self.agent.base_url
+
+    def run(self, coro: Awaitable[T], timeout: float = 30.0) -> T:
+        """Run ``coro`` on the agent's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def agent_in_thread(**kwargs: Any) -> Iterator[ThreadedAgent]:
+    """:func:`running_agent` in a background thread with its own event loop.
+
+    Lets one server serve a whole test module of synchronous tests (a module-scoped
+    fixture), which hypothesis needs: its examples cannot share a per-test event loop.
+
+    Args:
+        **kwargs: Passed to :func:`running_agent`.
+
+    Yields:
+        The threaded agent; stopped (and the thread joined) on exit.
+    """
+    ready: dict[str, Any] = {}
+    started = threading.Event()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        try:
+            async with running_agent(**kwargs) as agent:
+                ready["agent"] = agent
+                started.set()
+                await stop.wait()
+        except BaseException as exc:
+            ready["error"] = exc
+            started.set()
+            raise
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(serve())
+        loop.close()
+
+    thread = threading.Thread(target=main, name="agent-in-thread", daemon=True)
+    thread.start()
+    started.wait(120)
+    if "agent" not in ready:
+        raise RuntimeError(f"the agent did not start: {ready.get('error')!r}")
+    try:
+        yield ThreadedAgent(agent=ready["agent"], loop=loop)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(60)
+
+
+class LogCapture:
+    """Loguru lines (WARNING and up, tracebacks included) and uvicorn's error log records,
+    while active.
+
+    Enter it after the server has started when the server is built inside the block
+    (uvicorn's logging setup replaces the handlers of its loggers).
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.uvicorn: list[str] = []
+        self._sink: int | None = None
+        self._handler = logging.Handler()
+        self._handler.emit = lambda record: self.uvicorn.append(  # type: ignore[method-assign]
+            record.getMessage() + (" Traceback" if record.exc_info else "")
+        )
+
+    def __enter__(self) -> LogCapture:
+        self._sink = logger.add(self.lines.append, level="WARNING", diagnose=False)
+        logging.getLogger("uvicorn.error").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._sink is not None
+        logger.remove(self._sink)
+        logging.getLogger("uvicorn.error").removeHandler(self._handler)
+
+    @property
+    def text(self) -> str:
+        """The loguru lines, joined."""
+        return "".join(self.lines)
+
+    def assert_clean(self) -> None:
+        """No traceback and no unhandled ASGI exception was logged."""
+        assert "Traceback" not in self.text, self.text
+        assert not any("Exception in ASGI" in m or "Traceback" in m for m in self.uvicorn), (
+            self.uvicorn
+        )
