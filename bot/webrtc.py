@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -231,13 +232,20 @@ class DevClient:
             )
 
     async def close(self) -> None:
-        """Hang up the browser calls in progress (server shutdown)."""
+        """Hang up the browser calls in progress (server shutdown).
+
+        Peer connections are closed first so calls end (and record their outcome) on
+        their own; any still running after a few seconds are cancelled.
+        """
         with contextlib.suppress(Exception):
             await self.handler.close()
-        for task in list(self.tasks):
+        if not self.tasks:
+            return
+        _, pending = await asyncio.wait(list(self.tasks), timeout=5)
+        for task in pending:
             task.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=5)
+        if pending:
+            await asyncio.wait(pending, timeout=5)
 
 
 def _dev(request: Request) -> DevClient:
@@ -497,8 +505,12 @@ def _login_page(wrong: bool) -> HTMLResponse:
         401,
         "Browser test calls: admin token required",
         f"<p>{first}</p><p>Open <code>/client?token=&lt;ADMIN_TOKEN&gt;</code> once in this "
-        "browser (the token from the server's <code>.env</code>). Add "
-        "<code>&amp;caller=+15555550101</code> to play another demo customer.</p>",
+        "browser (the token from the server's <code>.env</code>), or enter it here. Add "
+        "<code>&amp;caller=+15555550101</code> to play another demo customer.</p>"
+        '<form method="get" action="/client/"><p><label>ADMIN_TOKEN '
+        '<input type="password" name="token" autocomplete="off" required></label></p>'
+        '<p><label>Customer phone (optional) <input name="caller" '
+        'placeholder="+15555550100"></label></p><p><button>Open</button></p></form>',
     )
 
 
@@ -535,7 +547,7 @@ class ClientPage:
             return _login_page(wrong=True)
         if token is None and not self.dev.authorized(request):
             return _login_page(wrong=False)
-        caller = params.get("caller")
+        caller = params.get("caller") or None  # the login form sends an empty field
         try:
             caller = caller_param(caller) if caller is not None else None
         except DevClientError:
@@ -546,7 +558,9 @@ class ClientPage:
                 "<code>+15555550101</code>.</p>",
             )
         if token is not None or caller is not None:
-            redirect = RedirectResponse("/client/", status_code=303)
+            redirect = RedirectResponse(
+                "/client/", status_code=303, headers={"Cache-Control": "no-store"}
+            )
             secure = request.url.scheme == "https"
             if token is not None:
                 redirect.set_cookie(
@@ -578,6 +592,28 @@ class ClientPage:
         return None
 
 
+class RedactTokenFilter(logging.Filter):
+    """Hides ``token=`` query values in uvicorn's access log (the ``/client?token=`` link)."""
+
+    _TOKEN = re.compile(r"(?<=[?&]token=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact the request line's token; never drops the record."""
+        if isinstance(record.args, tuple) and any(
+            isinstance(a, str) and "token=" in a for a in record.args
+        ):
+            record.args = tuple(
+                self._TOKEN.sub("***", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+def _redact_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactTokenFilter) for f in access.filters):
+        access.addFilter(RedactTokenFilter())
+
+
 def mount_client(app: FastAPI, settings: Settings) -> DevClient:
     """Mount the guarded prebuilt UI at ``/client`` and the WebRTC signalling routes.
 
@@ -592,6 +628,7 @@ def mount_client(app: FastAPI, settings: Settings) -> DevClient:
 
     dev = DevClient(settings)
     app.state.webrtc = dev
+    _redact_access_log()
 
     async def refused(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DevClientError)
