@@ -8,7 +8,8 @@ exposed (``PUBLIC_BASE_URL`` set, or a non-loopback ``HOST``) unless
 Access: every route wants the admin token. The prebuilt page cannot send an
 ``Authorization`` header itself, so ``GET /client?token=<ADMIN_TOKEN>`` checks the token
 once and sets an HttpOnly, SameSite=Strict cookie (a value derived from the token, not the
-token itself) that the page's own requests then carry; scripts may send
+token itself) that the page's own requests then carry (the 401 page has a form that does
+the same; the token is masked in uvicorn's access log). Scripts may send
 ``Authorization: Bearer <ADMIN_TOKEN>`` instead. ``?caller=+1555...`` on ``/client`` picks
 the demo customer to play (also accepted by ``/start``, as a query parameter or as
 ``{"body": {"caller": ...}}``).
