@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import json
 import signal
 import sys
@@ -31,6 +30,7 @@ from core.pii import mask_phone
 from core.profile import ProfileError, load_profile
 from core.resources import AppResources, StartupError, check_database, check_redis, open_resources
 from core.settings import Settings, get_settings
+from core.tokens import bearer_token, token_matches
 from processors.session_snapshot import SnapshotStore
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -46,12 +46,20 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
 
 
 def admin_guard(settings: Settings):
-    """A FastAPI dependency that requires ``Authorization: Bearer <ADMIN_TOKEN>``."""
+    """A FastAPI dependency that requires ``Authorization: Bearer <ADMIN_TOKEN>``.
+
+    Without ``ADMIN_TOKEN`` the admin routes are disabled: 503 with a message saying how to
+    enable them. A missing or wrong token (any bytes, non-ASCII included) is a 401.
+    """
 
     async def require_admin(authorization: str | None = Header(default=None)) -> None:
-        token = settings.admin_token.get_secret_value() if settings.admin_token else None
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not token or not authorization or not hmac.compare_digest(given, token):
+        if settings.admin_token is None:
+            raise HTTPException(
+                status_code=503,
+                detail="admin routes are disabled: set ADMIN_TOKEN (in the environment or "
+                ".env) and restart the server to enable them",
+            )
+        if not token_matches(bearer_token(authorization), settings.admin_token.get_secret_value()):
             raise HTTPException(
                 status_code=401,
                 detail="admin token required",
@@ -59,6 +67,40 @@ def admin_guard(settings: Settings):
             )
 
     return require_admin
+
+
+def webrtc_dev_refusal(settings: Settings) -> str | None:
+    """Why the browser test page (``WEBRTC_DEV``) may not be enabled, or None.
+
+    Args:
+        settings: The server's settings.
+
+    Returns:
+        A message for the operator, or None when it is off or may be mounted.
+    """
+    if not settings.webrtc_dev:
+        return None
+    if settings.admin_token is None:
+        return (
+            "WEBRTC_DEV=true needs ADMIN_TOKEN: the browser test page is opened with "
+            "/client?token=<ADMIN_TOKEN>. Set ADMIN_TOKEN to a long random value (e.g. the "
+            'output of python -c "import secrets; print(secrets.token_urlsafe(24))") or '
+            "unset WEBRTC_DEV."
+        )
+    if settings.webrtc_dev_force:
+        return None
+    if settings.public_base_url:
+        return (
+            "WEBRTC_DEV=true is refused because PUBLIC_BASE_URL is set: this server looks "
+            "reachable from outside, and the browser test page lets anyone with the admin "
+            "token start calls. Unset WEBRTC_DEV, or set WEBRTC_DEV_FORCE=true if you mean it."
+        )
+    if settings.host not in LOOPBACK_HOSTS:
+        return (
+            f"WEBRTC_DEV=true is refused because HOST={settings.host} is not a loopback "
+            "address. Use HOST=127.0.0.1, unset WEBRTC_DEV, or set WEBRTC_DEV_FORCE=true."
+        )
+    return None
 
 
 def create_app(
@@ -77,6 +119,9 @@ def create_app(
     """
     settings = settings or get_settings()
     require_admin = admin_guard(settings)
+    refusal = webrtc_dev_refusal(settings)
+    if refusal:
+        raise StartupError(refusal)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,15 +134,22 @@ def create_app(
                 await stack.enter_async_context(
                     _background(_calendar_catch_up(app.state.resources))
                 )
+            if webrtc is not None:
+                stack.push_async_callback(webrtc.close)  # browser calls end before resources
             yield
 
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
     app.state.active_calls = {}
     app.include_router(call_routes.router)
-    if settings.host in LOOPBACK_HOSTS:
+    webrtc = None
+    if settings.webrtc_dev:
         from api.webrtc import mount_client
 
-        mount_client(app)
+        webrtc = mount_client(app, settings)
+        logger.info(
+            f"Browser test calls (WEBRTC_DEV): open http://{settings.host}:{settings.port}"
+            "/client?token=<ADMIN_TOKEN>"
+        )
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -218,6 +270,9 @@ def _serve(settings: Settings) -> int:
     # embedded servers are stopped. Turn it into the same path as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
+        refusal = webrtc_dev_refusal(settings)
+        if refusal:
+            raise StartupError(refusal)
         load_profile(settings.dealership_profile)
         asyncio.run(_serve_async(settings))
     except (StartupError, ProfileError) as exc:

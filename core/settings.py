@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # Log format: "text" for people, "json" (one object per line) for log shippers.
     log_format: Literal["text", "json"] = Field(default="text", alias="LOG_FORMAT")
 
+    # Browser test page (developer tool; see api/webrtc.py)
+    webrtc_dev: bool = Field(default=False, alias="WEBRTC_DEV")
+    webrtc_dev_force: bool = Field(default=False, alias="WEBRTC_DEV_FORCE")
+
     @field_validator("log_level")
     @classmethod
     def _upper_log_level(cls, value: str) -> str:
@@ -118,6 +122,13 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
             return None
+        return value
+
+    @field_validator("webrtc_dev", "webrtc_dev_force", mode="before")
+    @classmethod
+    def _empty_is_false(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return False
         return value
 
     @field_validator("dealership_profile", mode="before")

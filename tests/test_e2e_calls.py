@@ -548,13 +548,16 @@ async def test_silent_caller_is_prompted_once_then_the_call_ends(
         assert hang_up and hang_up[-1].form.get("Status") == "completed"
 
 
-async def test_browser_client_page_is_served_on_localhost(
+async def test_browser_client_page_is_served_with_the_admin_token(
     crm_db: str, redis_server_url: str
 ) -> None:
-    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
-        response = await agent.http.get("/client", follow_redirects=True)
+    env = {"WEBRTC_DEV": "true", "WEBRTC_DEV_FORCE": "true"}  # the harness sets PUBLIC_BASE_URL
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, env=env) as agent:
+        refused = await agent.http.get("/client", follow_redirects=True)
+        assert refused.status_code == 401
+        response = await agent.http.get("/client?token=e2e-admin", follow_redirects=True)
         assert response.status_code == 200
-        assert "<html" in response.text.lower()
+        assert '<div id="root">' in response.text
 
 
 async def test_status_callbacks_drive_campaign_retries(crm_db: str, redis_server_url: str) -> None:

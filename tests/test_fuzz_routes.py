@@ -53,16 +53,11 @@ from tests.harness import (
     sign,
 )
 
-#: Routes that still answer 5xx (or log a traceback) on fuzzed input, owned by work in
-#: progress elsewhere (WebRTC signalling, admin routes). Their 5xx answers and log lines
-#: are tolerated here; drop an entry once its fix is merged.
-KNOWN_5XX_ROUTES_PENDING_FIXES: frozenset[str] = frozenset(
-    {
-        "/start",  # JSON that is not an object (e.g. `null`) -> 500
-        "/api/offer",  # not JSON, or no "sdp"/"type" -> 500
-        "/sessions/{session_id}/api/offer",  # the same after /start
-    }
-)
+#: Routes that may still answer 5xx on fuzzed input (none: every route is fixed). Their
+#: 5xx answers and log lines would be tolerated and counted here.
+KNOWN_5XX_ROUTES_PENDING_FIXES: frozenset[str] = frozenset()
+#: The browser test page is on in the fuzzed server, so its routes are fuzzed too.
+WEBRTC_ENV = {"WEBRTC_DEV": "true", "WEBRTC_DEV_FORCE": "true"}  # harness sets ADMIN_TOKEN
 
 #: Websocket routes, each fuzzed by a test below.
 WEBSOCKET_ROUTES = ["/twilio/media"]
@@ -92,7 +87,9 @@ def _flatten(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def app_routes() -> tuple[list[HttpRoute], list[str]]:
     """The HTTP routes and the websocket paths of the app as the server builds it."""
-    app = create_app(Settings(_env_file=None, HOST="127.0.0.1"))
+    app = create_app(
+        Settings(_env_file=None, HOST="127.0.0.1", ADMIN_TOKEN=ADMIN_TOKEN, **WEBRTC_ENV)
+    )
     http: list[HttpRoute] = []
     websockets: list[str] = []
     for path, route in _flatten(app.routes):
@@ -116,6 +113,7 @@ def test_the_route_lists_match_the_app() -> None:
     assert TWILIO_WEBHOOKS == ["/twilio/outbound", "/twilio/status", "/twilio/voice"]
     paths = {r.path for r in HTTP_ROUTES}
     assert {"/health", "/metrics", "/calls/active", "/calls/{call_sid}"} <= paths
+    assert {"/start", "/api/offer", "/sessions/{session_id}/api/offer"} <= paths
     assert KNOWN_5XX_ROUTES_PENDING_FIXES <= paths
 
 
@@ -152,7 +150,9 @@ async def _seeded_database() -> tuple[str, str]:
 def server(postgres_server_url: str, redis_server_url: str) -> Iterator[FuzzServer]:
     name, url = asyncio.run(_seeded_database())
     try:
-        with agent_in_thread(database_url=url, redis_url=redis_server_url) as threaded:
+        with agent_in_thread(
+            database_url=url, redis_url=redis_server_url, env=WEBRTC_ENV
+        ) as threaded:
             with LogCapture() as logs:
                 yield FuzzServer(threaded=threaded, logs=logs, database_url=url)
     finally:

@@ -194,3 +194,38 @@ async def test_calls_are_refused_with_the_missing_keys_named(
             for name in ("OPENAI_API_KEY", "DEEPGRAM_API_KEY", "TWILIO_AUTH_TOKEN"):
                 assert name in response.text
             assert (await client.get("/health")).status_code == 200
+
+
+async def test_admin_routes_refuse_a_non_ascii_token_with_401(
+    migrated_db: str, redis_server_url: str
+) -> None:
+    settings = Settings(
+        _env_file=None, DATABASE_URL=migrated_db, REDIS_URL=redis_server_url, ADMIN_TOKEN="s3cret"
+    )
+    app: FastAPI = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for value in ("Bearer s3crét".encode(), b"Bearer \xff\xfe", "Bearer ☎".encode()):
+                for path in ("/calls/active", "/calls/CA123"):
+                    response = await client.get(path, headers={"Authorization": value})
+                    assert response.status_code == 401, (value, path, response.text)
+                    assert response.json() == {"detail": "admin token required"}
+            ok = await client.get("/calls/active", headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200 and ok.json() == {"calls": []}
+
+
+async def test_admin_routes_say_they_are_disabled_without_admin_token(
+    migrated_db: str, redis_server_url: str
+) -> None:
+    settings = Settings(_env_file=None, DATABASE_URL=migrated_db, REDIS_URL=redis_server_url)
+    app: FastAPI = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for headers in ({}, {"Authorization": "Bearer anything"}):
+                for path in ("/calls/active", "/calls/CA123"):
+                    response = await client.get(path, headers=headers)
+                    assert response.status_code == 503, (path, response.text)
+                    detail = response.json()["detail"]
+                    assert "admin routes are disabled" in detail and "ADMIN_TOKEN" in detail

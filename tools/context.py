@@ -29,7 +29,11 @@ class CallSession:
         scenario: ``inbound``, ``service_due`` or ``confirmation``.
         customer_id: The CRM customer matched for this call (by caller ID or lookup).
         customer_first_name: First name of the matched customer.
-        caller_id_matched: Whether the carrier number matched the customer's phone.
+        caller_id_trusted: Whether ``caller_phone`` comes from the carrier and may count
+            as a verification factor. False for browser calls, where the caller picks the
+            number: it still selects the record, but verification then needs two factors.
+        caller_id_matched: Whether the carrier number matched the customer's phone (never
+            when ``caller_id_trusted`` is False).
         verified: Whether the caller proved to be ``customer_id``.
         factors: Verification factors that passed so far.
         offered_slots: Slots offered in this call, by opaque slot id.
@@ -47,6 +51,7 @@ class CallSession:
     scenario: str = "inbound"
     customer_id: int | None = None
     customer_first_name: str | None = None
+    caller_id_trusted: bool = True
     caller_id_matched: bool = False
     verified: bool = False
     factors: set[VerificationFactor] = field(default_factory=set)
@@ -72,12 +77,19 @@ class CallSession:
         return slot_id
 
     def match_customer(self, *, customer_id: int, first_name: str, caller_id: bool) -> None:
-        """Record the CRM customer this call is about; resets verification if it changes."""
+        """Record the CRM customer this call is about; resets verification if it changes.
+
+        Args:
+            customer_id: The matched customer.
+            first_name: Their first name.
+            caller_id: Whether the call's number is the customer's phone; it counts as a
+                verification factor only when the session's caller ID is trusted.
+        """
         if self.customer_id != customer_id:
             self.verified = False
             self.factors = set()
         self.customer_id = customer_id
         self.customer_first_name = first_name
-        self.caller_id_matched = caller_id
-        if caller_id:
+        self.caller_id_matched = caller_id and self.caller_id_trusted
+        if self.caller_id_matched:
             self.factors.add("caller_id")
