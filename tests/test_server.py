@@ -29,14 +29,16 @@ def free_port() -> int:
 
 
 def server_processes(data_dir: Path) -> list[psutil.Process]:
-    """postgres / redis-server processes whose command line or cwd points into data_dir."""
+    """postgres / redis-server processes whose command line or cwd points into data_dir
+    (Redis rewrites its command line; its cwd is its ``--dir``)."""
     found = []
     marker = str(data_dir.resolve())
-    for proc in psutil.process_iter(["name", "cmdline"]):
+    for proc in psutil.process_iter(["name", "cmdline", "cwd"]):
         try:
             cmd = " ".join(proc.info["cmdline"] or [])
             name = proc.info["name"] or ""
-            if ("postgres" in name or "redis" in name or "postgres" in cmd) and marker in cmd:
+            where = f"{cmd} {proc.info['cwd'] or ''}"
+            if ("postgres" in name or "redis" in name or "postgres" in cmd) and marker in where:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -129,7 +131,10 @@ def test_runner_starts_on_embedded_servers_and_stops_cleanly(
 
 async def test_health_is_503_when_redis_goes_down(migrated_db: str, tmp_path: Path) -> None:
     redis_server = EmbeddedRedis().start(tmp_path / "redis")
-    settings = Settings(_env_file=None, DATABASE_URL=migrated_db, REDIS_URL=redis_server.url)
+    settings = Settings(
+        _env_file=None, DATABASE_URL=migrated_db, REDIS_URL=redis_server.url, ADMIN_TOKEN="ops"
+    )
+    admin = {"Authorization": "Bearer ops"}
     app: FastAPI = create_app(settings)
     try:
         async with app.router.lifespan_context(app):
@@ -146,6 +151,11 @@ async def test_health_is_503_when_redis_goes_down(migrated_db: str, tmp_path: Pa
                 assert body["status"] == "degraded"
                 assert body["components"]["db"] == "ok"
                 assert body["components"]["redis"].startswith("down")
+                # The ops views say Redis is down too, without a 500.
+                for path in ("/calls/active", "/calls/CA123"):
+                    refused = await client.get(path, headers=admin)
+                    assert refused.status_code == 503, refused.text
+                    assert "Redis" in refused.json()["error"]
 
                 redis_server.start(tmp_path / "redis")
                 deadline = time.monotonic() + 10
@@ -153,6 +163,7 @@ async def test_health_is_503_when_redis_goes_down(migrated_db: str, tmp_path: Pa
                 while back.status_code != 200 and time.monotonic() < deadline:
                     back = await client.get("/health")
                 assert back.status_code == 200
+                assert (await client.get("/calls/active", headers=admin)).json() == {"calls": []}
     finally:
         redis_server.stop()
 
