@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -177,4 +178,35 @@ def test_a_live_but_silent_redis_is_never_replaced(tmp_path: Path) -> None:
     finally:
         os.kill(rd.process.pid, signal.SIGCONT)
         rd.stop()
+    assert wait_until_no_servers(tmp_path) == []
+
+
+def test_processes_starting_at_once_start_one_server_each(tmp_path: Path) -> None:
+    """Four users starting on a fresh directory at the same moment (threads: each holds its
+    own lock file descriptions, as processes do): one initdb, one postmaster, one Redis."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    barrier = threading.Barrier(4)
+
+    def use() -> tuple[EmbeddedPostgres, EmbeddedRedis]:
+        barrier.wait()
+        return EmbeddedPostgres().start(tmp_path / "pg"), EmbeddedRedis().start(tmp_path / "redis")
+
+    with ThreadPoolExecutor(4) as pool:
+        users = list(pool.map(lambda _: use(), range(4)))
+    try:
+        assert sum(pg.initialized_here for pg, _ in users) == 1
+        assert sum(rd.process is not None for _, rd in users) == 1
+        names = [p.name() for p in server_processes(tmp_path)]
+        assert names.count("redis-server") == 1, names
+        postmasters = [p for p in server_processes(tmp_path) if "-D" in " ".join(p.cmdline() or [])]
+        assert len(postmasters) == 1
+        for pg, rd in users:
+            with psycopg.connect(pg.url) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert redis.Redis.from_url(rd.url).ping()
+    finally:
+        for pg, rd in users:
+            pg.stop()
+            rd.stop()
     assert wait_until_no_servers(tmp_path) == []
