@@ -109,7 +109,7 @@ def create_app(
     @app.get("/calls/active", dependencies=[Depends(require_admin)])
     async def active_calls(request: Request) -> JSONResponse:
         """Snapshots of the calls in progress (ops; bearer ``ADMIN_TOKEN``)."""
-        store = SnapshotStore(request.app.state.resources.redis)
+        store = _snapshots(request)
         try:
             sids = sorted(await store.active())
             snapshots = [snap for sid in sids if (snap := await store.read(sid)) is not None]
@@ -121,7 +121,7 @@ def create_app(
     async def call_snapshot(call_sid: str, request: Request) -> JSONResponse:
         """Latest snapshot of one call (ops; bearer ``ADMIN_TOKEN``)."""
         try:
-            snapshot = await SnapshotStore(request.app.state.resources.redis).read(call_sid)
+            snapshot = await _snapshots(request).read(call_sid)
         except RedisError as exc:
             return _redis_unavailable(exc)
         if snapshot is None:
@@ -149,6 +149,11 @@ def create_app(
         )
 
     return app
+
+
+def _snapshots(request: Request) -> SnapshotStore:
+    resources: AppResources = request.app.state.resources
+    return SnapshotStore(resources.redis, prefix=resources.settings.redis_key_prefix)
 
 
 def _redis_unavailable(exc: Exception) -> JSONResponse:

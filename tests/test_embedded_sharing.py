@@ -25,12 +25,12 @@ ADMIN = "sharing-admin"
 RUNNER = [sys.executable, str(REPO / "runner.py")]
 
 
-def runner_env(tmp_path: Path, port: int) -> dict[str, str]:
+def runner_env(server_tmp: Path, port: int) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(REPO),
-        "HOME": str(tmp_path),
-        "DATA_DIR": str(tmp_path / "data"),
+        "HOME": str(server_tmp),
+        "DATA_DIR": str(server_tmp / "data"),
         "PORT": str(port),
         "HOST": "127.0.0.1",
         "LOG_LEVEL": "INFO",
@@ -49,19 +49,17 @@ def wait_until_no_servers(data_dir: Path, timeout: float = 15) -> list:
     return server_processes(data_dir)
 
 
-def test_second_runner_processes_reuse_the_servers_and_never_replace_them(
-    tmp_path: Path,
-) -> None:
+def test_second_runner_processes_reuse_the_servers_and_never_replace_them(server_tmp: Path) -> None:
     """`runner.py tools` and a second `runner.py` next to a running server: the tools
     console uses the same Postgres and Redis, the second server refuses the busy port
     before touching anything, and the first server keeps working."""
-    data = tmp_path / "data"
+    data = server_tmp / "data"
     port = free_port()
-    env = runner_env(tmp_path, port)
+    env = runner_env(server_tmp, port)
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, str(REPO / "runner.py")],
-        cwd=tmp_path,
+        cwd=server_tmp,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -78,7 +76,7 @@ def test_second_runner_processes_reuse_the_servers_and_never_replace_them(
         # The tool console on the same DATA_DIR: one tool call, then EOF.
         tools = subprocess.run(
             [*RUNNER, "tools", "--caller", "+15555550100", "--now", NOW],
-            cwd=tmp_path,
+            cwd=server_tmp,
             env=env,
             input=json.dumps(
                 {"name": "verify_customer", "arguments": {"date_of_birth": "1985-04-12"}}
@@ -98,7 +96,7 @@ def test_second_runner_processes_reuse_the_servers_and_never_replace_them(
         started = time.monotonic()
         second = subprocess.run(
             [sys.executable, str(REPO / "runner.py")],
-            cwd=tmp_path,
+            cwd=server_tmp,
             env=env,
             capture_output=True,
             text=True,
@@ -136,20 +134,20 @@ def test_second_runner_processes_reuse_the_servers_and_never_replace_them(
     assert not socket_path.exists()
 
 
-def test_the_last_user_stops_the_servers_whoever_started_them(tmp_path: Path) -> None:
+def test_the_last_user_stops_the_servers_whoever_started_them(server_tmp: Path) -> None:
     """Two users of one data directory in one process stand for two processes (each holds
     its own lock): the first to start is not the one that stops."""
-    first_pg = EmbeddedPostgres().start(tmp_path / "pg")
-    first_rd = EmbeddedRedis().start(tmp_path / "redis")
-    second_pg = EmbeddedPostgres().start(tmp_path / "pg")
-    second_rd = EmbeddedRedis().start(tmp_path / "redis")
+    first_pg = EmbeddedPostgres().start(server_tmp / "pg")
+    first_rd = EmbeddedRedis().start(server_tmp / "redis")
+    second_pg = EmbeddedPostgres().start(server_tmp / "pg")
+    second_rd = EmbeddedRedis().start(server_tmp / "redis")
     try:
         assert second_pg.url == first_pg.url and second_rd.url == first_rd.url
-        running = pids(tmp_path)
+        running = pids(server_tmp)
         first_pg.stop()
         first_rd.stop()
         # The starter left; the other user still has both servers.
-        assert pids(tmp_path) == running
+        assert pids(server_tmp) == running
         with psycopg.connect(second_pg.url) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         assert redis.Redis.from_url(second_rd.url).ping()
@@ -158,30 +156,30 @@ def test_the_last_user_stops_the_servers_whoever_started_them(tmp_path: Path) ->
         second_rd.stop()
         first_pg.stop()
         first_rd.stop()
-    assert wait_until_no_servers(tmp_path) == []
-    assert not redis_socket_path(tmp_path / "redis").exists()
+    assert wait_until_no_servers(server_tmp) == []
+    assert not redis_socket_path(server_tmp / "redis").exists()
 
 
-def test_a_live_but_silent_redis_is_never_replaced(tmp_path: Path) -> None:
+def test_a_live_but_silent_redis_is_never_replaced(server_tmp: Path) -> None:
     """A Redis that runs but does not answer (stopped with SIGSTOP) is reported, and its
     socket is left alone."""
-    rd = EmbeddedRedis().start(tmp_path / "redis")
+    rd = EmbeddedRedis().start(server_tmp / "redis")
     assert rd.process is not None
-    socket_path = redis_socket_path(tmp_path / "redis")
+    socket_path = redis_socket_path(server_tmp / "redis")
     inode = os.stat(socket_path).st_ino
     os.kill(rd.process.pid, signal.SIGSTOP)
     try:
         with pytest.raises(EmbeddedServerError, match="does not answer"):
-            EmbeddedRedis().start(tmp_path / "redis", timeout=2)
+            EmbeddedRedis().start(server_tmp / "redis", timeout=2)
         assert os.stat(socket_path).st_ino == inode
-        assert pids(tmp_path) == {rd.process.pid}
+        assert pids(server_tmp) == {rd.process.pid}
     finally:
         os.kill(rd.process.pid, signal.SIGCONT)
         rd.stop()
-    assert wait_until_no_servers(tmp_path) == []
+    assert wait_until_no_servers(server_tmp) == []
 
 
-def test_processes_starting_at_once_start_one_server_each(tmp_path: Path) -> None:
+def test_processes_starting_at_once_start_one_server_each(server_tmp: Path) -> None:
     """Four users starting on a fresh directory at the same moment (threads: each holds its
     own lock file descriptions, as processes do): one initdb, one postmaster, one Redis."""
     from concurrent.futures import ThreadPoolExecutor
@@ -190,16 +188,20 @@ def test_processes_starting_at_once_start_one_server_each(tmp_path: Path) -> Non
 
     def use() -> tuple[EmbeddedPostgres, EmbeddedRedis]:
         barrier.wait()
-        return EmbeddedPostgres().start(tmp_path / "pg"), EmbeddedRedis().start(tmp_path / "redis")
+        return EmbeddedPostgres().start(server_tmp / "pg"), EmbeddedRedis().start(
+            server_tmp / "redis"
+        )
 
     with ThreadPoolExecutor(4) as pool:
         users = list(pool.map(lambda _: use(), range(4)))
     try:
         assert sum(pg.initialized_here for pg, _ in users) == 1
         assert sum(rd.process is not None for _, rd in users) == 1
-        names = [p.name() for p in server_processes(tmp_path)]
+        names = [p.name() for p in server_processes(server_tmp)]
         assert names.count("redis-server") == 1, names
-        postmasters = [p for p in server_processes(tmp_path) if "-D" in " ".join(p.cmdline() or [])]
+        postmasters = [
+            p for p in server_processes(server_tmp) if "-D" in " ".join(p.cmdline() or [])
+        ]
         assert len(postmasters) == 1
         for pg, rd in users:
             with psycopg.connect(pg.url) as conn:
@@ -209,4 +211,4 @@ def test_processes_starting_at_once_start_one_server_each(tmp_path: Path) -> Non
         for pg, rd in users:
             pg.stop()
             rd.stop()
-    assert wait_until_no_servers(tmp_path) == []
+    assert wait_until_no_servers(server_tmp) == []

@@ -23,6 +23,7 @@ from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 
 from app.call_session import CallSession
 from app.profile import DealershipProfile
+from app.settings import DEFAULT_REDIS_KEY_PREFIX
 
 ToolFn = Callable[..., Awaitable[dict[str, Any]]]
 
@@ -52,6 +53,7 @@ class ToolContext:
     calendar: Any = None  # scheduling.calendar.Calendar
     now: Callable[[], Any] | None = None
     durations: list[tuple[str, float, bool]] = field(default_factory=list)
+    key_prefix: str = DEFAULT_REDIS_KEY_PREFIX  # REDIS_KEY_PREFIX: namespace of Redis keys
 
 
 @dataclass(frozen=True)
