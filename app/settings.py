@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, alias="REDIS_URL")
     data_dir: Path = Field(default=REPO_ROOT / ".data", alias="DATA_DIR")
     redis_key_prefix: str = Field(
-        default=DEFAULT_REDIS_KEY_PREFIX, alias="REDIS_KEY_PREFIX", pattern=r"^[A-Za-z0-9_.\-]+$"
+        default=DEFAULT_REDIS_KEY_PREFIX, alias="REDIS_KEY_PREFIX", pattern=r"^[A-Za-z0-9_.:\-]+$"
     )
 
     # OpenAI

@@ -17,8 +17,10 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from pydantic import ValidationError
 
 from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 NESTED_PREFIX = "va_nested_"
@@ -32,8 +34,8 @@ NESTED_TESTS = [
 ]
 SENTINEL_KEYS = {
     "voice_agent:calls:active": "CA-sentinel",
-    "voice_agent:verify:lock:1": "1",
-    "voice_agent:verify:fail:2": "2",
+    "voice_agent:verify:lock:1": "sentinel lock",
+    "voice_agent:verify:fail:2": "sentinel count",
     "sentinel:plain": "keep me",
 }
 
@@ -103,3 +105,12 @@ def test_a_test_run_leaves_what_it_did_not_create_alone(server_tmp: Path) -> Non
     finally:
         rd.stop()
         pg.stop()
+
+
+def test_the_key_prefix_setting() -> None:
+    assert Settings(_env_file=None, REDIS_KEY_PREFIX="shop_1:").redis_key_prefix == "shop_1"
+    assert Settings(_env_file=None, REDIS_KEY_PREFIX=" ").redis_key_prefix == "voice_agent"
+    assert Settings(_env_file=None, REDIS_KEY_PREFIX="shop:1").redis_key_prefix == "shop:1"
+    for bad in ("two words", "star*", "br[ack]et"):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, REDIS_KEY_PREFIX=bad)
