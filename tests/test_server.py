@@ -45,9 +45,9 @@ def server_processes(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
-def test_embedded_servers_start_and_stop_without_leftovers(tmp_path: Path) -> None:
-    pg = EmbeddedPostgres().start(tmp_path / "pg")
-    rd = EmbeddedRedis().start(tmp_path / "redis")
+def test_embedded_servers_start_and_stop_without_leftovers(server_tmp: Path) -> None:
+    pg = EmbeddedPostgres().start(server_tmp / "pg")
+    rd = EmbeddedRedis().start(server_tmp / "redis")
     try:
         import psycopg
         import redis
@@ -55,14 +55,14 @@ def test_embedded_servers_start_and_stop_without_leftovers(tmp_path: Path) -> No
         with psycopg.connect(pg.url) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         assert redis.Redis.from_url(rd.url).ping()
-        assert server_processes(tmp_path), "the servers should be visible while running"
+        assert server_processes(server_tmp), "the servers should be visible while running"
     finally:
         pg.stop()
         rd.stop()
     deadline = time.monotonic() + 10
-    while server_processes(tmp_path) and time.monotonic() < deadline:
+    while server_processes(server_tmp) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert server_processes(tmp_path) == []
+    assert server_processes(server_tmp) == []
     pg.stop()  # idempotent
     rd.stop()
 
@@ -84,21 +84,21 @@ def wait_for_health(base: str, proc: subprocess.Popen, timeout: float) -> httpx.
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_runner_starts_on_embedded_servers_and_stops_cleanly(
-    tmp_path: Path, stop_signal: signal.Signals
+    server_tmp: Path, stop_signal: signal.Signals
 ) -> None:
     """`python runner.py` with no DATABASE_URL/REDIS_URL: seeded CRM, /health 200, no orphans."""
     port = free_port()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "DATA_DIR": str(tmp_path / "data"),
+        "HOME": str(server_tmp),
+        "DATA_DIR": str(server_tmp / "data"),
         "PORT": str(port),
         "HOST": "127.0.0.1",
         "LOG_LEVEL": "INFO",
     }
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "runner.py")],
-        cwd=tmp_path,  # not the repo: .env there must not leak in; runner finds its files
+        cwd=server_tmp,  # not the repo: .env there must not leak in; runner finds its files
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -108,7 +108,7 @@ def test_runner_starts_on_embedded_servers_and_stops_cleanly(
         response = wait_for_health(f"http://127.0.0.1:{port}", proc, timeout=90)
         assert response.status_code == 200, response.text
         assert response.json()["components"] == {"db": "ok", "redis": "ok"}
-        assert server_processes(tmp_path / "data")
+        assert server_processes(server_tmp / "data")
     finally:
         proc.send_signal(stop_signal)
         try:
@@ -124,9 +124,9 @@ def test_runner_starts_on_embedded_servers_and_stops_cleanly(
     assert "OPENAI_API_KEY" in out
     assert "+1555555" not in out
     deadline = time.monotonic() + 10
-    while server_processes(tmp_path / "data") and time.monotonic() < deadline:
+    while server_processes(server_tmp / "data") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert server_processes(tmp_path / "data") == []
+    assert server_processes(server_tmp / "data") == []
 
 
 async def test_health_is_503_when_redis_goes_down(migrated_db: str, tmp_path: Path) -> None:
