@@ -1055,6 +1055,7 @@ async def test_cli_dry_run_outside_the_window_says_when_it_opens(
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "DATABASE_URL": migrated_db,
         "REDIS_URL": redis_server_url,
+        "REDIS_KEY_PREFIX": os.environ["REDIS_KEY_PREFIX"],  # this session's namespace
         "LOG_LEVEL": "WARNING",
     }
 
