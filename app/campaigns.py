@@ -22,7 +22,7 @@ import time as time_mod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
@@ -31,6 +31,9 @@ from app.pii import mask_phone
 from app.profile import CampaignSettings, DealershipProfile
 from app.settings import Settings
 from crm import campaigns as crm
+
+if TYPE_CHECKING:
+    from app.resources import AppResources
 
 #: Wait before looking again at an attempt that could not be claimed (window closed...).
 DEFER_MINUTES = 15
@@ -618,7 +621,7 @@ def next_window_opening(profile: DealershipProfile, now: datetime) -> datetime |
 
 
 async def _closed_window_notice(
-    resources: Any, *, campaign: str, now: datetime, limit: int | None
+    resources: AppResources, *, campaign: str, now: datetime, limit: int | None
 ) -> str | None:
     """A sentence for a run outside the calling window: closed until when, how many due."""
     profile = resources.profile
