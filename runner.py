@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
+from redis.exceptions import RedisError
 
 from core.logs import LogFormat, setup_logging  # first: silences Pipecat's import banner
 
@@ -160,15 +163,21 @@ def create_app(
     @app.get("/calls/active", dependencies=[Depends(require_admin)])
     async def active_calls(request: Request) -> JSONResponse:
         """Snapshots of the calls in progress (ops; bearer ``ADMIN_TOKEN``)."""
-        store = SnapshotStore(request.app.state.resources.redis)
-        sids = sorted(await store.active())
-        snapshots = [snap for sid in sids if (snap := await store.read(sid)) is not None]
+        store = _snapshots(request)
+        try:
+            sids = sorted(await store.active())
+            snapshots = [snap for sid in sids if (snap := await store.read(sid)) is not None]
+        except RedisError as exc:
+            return _redis_unavailable(exc)
         return JSONResponse({"calls": snapshots})
 
     @app.get("/calls/{call_sid}", dependencies=[Depends(require_admin)])
     async def call_snapshot(call_sid: str, request: Request) -> JSONResponse:
         """Latest snapshot of one call (ops; bearer ``ADMIN_TOKEN``)."""
-        snapshot = await SnapshotStore(request.app.state.resources.redis).read(call_sid)
+        try:
+            snapshot = await _snapshots(request).read(call_sid)
+        except RedisError as exc:
+            return _redis_unavailable(exc)
         if snapshot is None:
             return JSONResponse({"error": "unknown call"}, status_code=404)
         return JSONResponse(snapshot)
@@ -194,6 +203,16 @@ def create_app(
         )
 
     return app
+
+
+def _snapshots(request: Request) -> SnapshotStore:
+    resources: AppResources = request.app.state.resources
+    return SnapshotStore(resources.redis, prefix=resources.settings.redis_key_prefix)
+
+
+def _redis_unavailable(exc: Exception) -> JSONResponse:
+    logger.warning(f"call snapshots unavailable: Redis error {type(exc).__name__}")
+    return JSONResponse({"error": "call snapshots unavailable (Redis is down)"}, status_code=503)
 
 
 async def _on_started(settings: Settings, resources: AppResources) -> None:
@@ -230,15 +249,58 @@ async def _calendar_catch_up(resources: AppResources) -> None:
     await sync_forever(resources.db, calendar, interval_s=60.0)
 
 
-async def _serve_async(settings: Settings) -> None:
+class PortInUseError(RuntimeError):
+    """HOST:PORT cannot be listened on; the message says so and what to do."""
+
+
+def bind_listener(settings: Settings) -> socket.socket:
+    """Bind HOST:PORT for the server (uvicorn serves on this very socket).
+
+    Done before anything else, so a second ``runner.py`` on a busy port stops at once,
+    before it starts or joins embedded servers or opens pools.
+
+    Args:
+        settings: Settings (``HOST``, ``PORT``).
+
+    Returns:
+        The bound, not yet listening, socket.
+
+    Raises:
+        PortInUseError: The port is taken, or the host cannot be bound.
+    """
+    where = f"port {settings.port} on {settings.host}"
+    try:
+        infos = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise PortInUseError(f"Cannot listen on {where}: {exc.strerror}. Check HOST.") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"Cannot serve: {where} is already in use (another runner.py?). Stop that "
+                "process or set PORT to a free port."
+            ) from exc
+        raise PortInUseError(f"Cannot listen on {where}: {exc.strerror}.") from exc
+    return sock
+
+
+async def _serve_async(settings: Settings, listener: socket.socket) -> None:
     import uvicorn
 
     # Resources first: an unreachable dependency is one clear message, not a traceback
-    # from inside the ASGI lifespan; they are closed (embedded servers stopped) on every
-    # way out, Ctrl-C and SIGTERM included (uvicorn turns both into a graceful exit).
+    # from inside the ASGI lifespan; they are closed (embedded servers left, and stopped
+    # by the last process using them) on every way out, Ctrl-C and SIGTERM included
+    # (uvicorn turns both into a graceful exit).
     async with open_resources(settings) as resources:
         config = uvicorn_config(create_app(settings, resources=resources), settings)
-        await uvicorn.Server(config).serve()
+        await uvicorn.Server(config).serve(sockets=[listener])
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
@@ -270,16 +332,23 @@ def _serve(settings: Settings) -> int:
     # embedded servers are stopped. Turn it into the same path as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
+        listener = bind_listener(settings)  # first: a busy port stops us before anything
+    except PortInUseError as exc:
+        logger.error(str(exc))
+        return 1
+    try:
         refusal = webrtc_dev_refusal(settings)
         if refusal:
             raise StartupError(refusal)
         load_profile(settings.dealership_profile)
-        asyncio.run(_serve_async(settings))
+        asyncio.run(_serve_async(settings, listener))
     except (StartupError, ProfileError) as exc:
         logger.error(str(exc))
         return 1
     except KeyboardInterrupt:
         return 0
+    finally:
+        listener.close()
     return 0
 
 

@@ -189,7 +189,11 @@ async def run_call(
     latency = LatencyObserver(call_sid=session.call_sid)
     snapshots = SessionSnapshotProcessor(
         call_sid=session.call_sid,
-        store=SnapshotStore(resources.redis, ttl_secs=settings.snapshot_ttl_secs),
+        store=SnapshotStore(
+            resources.redis,
+            ttl_secs=settings.snapshot_ttl_secs,
+            prefix=settings.redis_key_prefix,
+        ),
         provider=lambda: session_snapshot(
             session, latency, last_turns=settings.snapshot_transcript_turns
         ),

@@ -22,7 +22,7 @@ import time as time_mod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiolimiter import AsyncLimiter
 from loguru import logger
@@ -33,6 +33,9 @@ from core.profile import CampaignSettings, DealershipProfile
 from core.settings import Settings
 from crm import campaigns as crm
 from telephony.twilio import place_outbound_call
+
+if TYPE_CHECKING:
+    from core.resources import AppResources
 
 #: Wait before looking again at an attempt that could not be claimed (window closed...).
 DEFER_MINUTES = 15
@@ -567,6 +570,48 @@ def _print_plan(calls: Sequence[crm.PlannedCall], *, as_json: bool, out=sys.stdo
     print(f"{len(calls)} call(s) planned", file=out)
 
 
+def next_window_opening(profile: DealershipProfile, now: datetime) -> datetime | None:
+    """When the dealership's outbound window next opens, or ``None`` while it is open.
+
+    The window is a time of day in dealership time (``outbound.window``), as the planner
+    applies it.
+
+    Args:
+        profile: Dealership profile.
+        now: The current instant (timezone-aware).
+
+    Returns:
+        The next opening in dealership time, or ``None`` when ``now`` is inside the window.
+    """
+    local = now.astimezone(profile.time_zone)
+    window = profile.outbound_window
+    if window.contains(local.time()):
+        return None
+    day = local.date() if local.time() < window.start else local.date() + timedelta(days=1)
+    return datetime.combine(day, window.start, tzinfo=profile.time_zone)
+
+
+async def _closed_window_notice(
+    resources: AppResources, *, campaign: str, now: datetime, limit: int | None
+) -> str | None:
+    """A sentence for a run outside the calling window: closed until when, how many due."""
+    profile = resources.profile
+    opens = next_window_opening(profile, now)
+    if opens is None:
+        return None
+    due = await plan_campaign(
+        resources.db, profile=profile, campaign=campaign, now=opens, limit=limit
+    )
+    local = now.astimezone(profile.time_zone)
+    window = profile.outbound_window
+    return (
+        f"The calling window is closed: it is {local:%a %Y-%m-%d %H:%M %Z} at the dealership "
+        f"(window {window.start:%H:%M}-{window.end:%H:%M}). It opens "
+        f"{opens:%a %Y-%m-%d %H:%M %Z}; {len(due)} customer(s) due would be called then. "
+        "Nobody was called."
+    )
+
+
 async def campaign_command(
     settings: Settings,
     args: argparse.Namespace,
@@ -604,6 +649,13 @@ async def campaign_command(
                 "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL"
             )
         async with open_resources(settings, seed_demo=False) as resources:
+            # Outside the window nobody is planned: say so (and until when) instead of
+            # printing an empty plan. With --json, stdout stays JSON lines: it goes to stderr.
+            notice = await _closed_window_notice(
+                resources, campaign=campaign, now=now or _utcnow(), limit=args.limit
+            )
+            if notice is not None:
+                print(notice, file=sys.stderr if args.json else out)
             if args.dry_run:
                 calls = await plan_campaign(
                     resources.db,

@@ -2,7 +2,8 @@
 
 Opened once in the FastAPI lifespan (or a CLI command) by :func:`open_resources`. When
 ``DATABASE_URL`` / ``REDIS_URL`` are unset, embedded servers are started under
-``DATA_DIR`` and stopped again on exit.
+``DATA_DIR`` (or the ones another process already runs there are reused) and left again
+on exit; the last process to leave stops them (see :mod:`core.embedded`).
 """
 
 from __future__ import annotations
@@ -116,14 +117,31 @@ async def retry_with_backoff(
 
 
 async def check_database(pool: AsyncConnectionPool) -> None:
-    """Ping Postgres through the pool (raises when unreachable)."""
+    """Run a real query through the app's pool (raises when Postgres does not answer).
+
+    Args:
+        pool: The pool the app uses.
+
+    Raises:
+        Exception: The pool gave no connection in 3 s, or the query failed.
+    """
     async with pool.connection(timeout=3) as conn:
-        await conn.execute("SELECT 1")
+        cur = await conn.execute("SELECT 1")
+        if await cur.fetchone() != (1,):
+            raise RuntimeError("Postgres answered SELECT 1 with something else")
 
 
 async def check_redis(client: aioredis.Redis) -> None:
-    """Ping Redis (raises when unreachable)."""
-    await asyncio.wait_for(client.ping(), timeout=3)
+    """PING Redis on the app's client (raises when Redis does not answer PONG).
+
+    Args:
+        client: The Redis client the app uses.
+
+    Raises:
+        Exception: No answer in 3 s, a connection error, or an answer other than PONG.
+    """
+    if await asyncio.wait_for(client.ping(), timeout=3) is not True:
+        raise RuntimeError("Redis did not answer PONG")
 
 
 @contextlib.asynccontextmanager
@@ -143,7 +161,7 @@ async def open_resources(
     Raises:
         StartupError: A dependency is unreachable; the message names it and the fix.
     """
-    from core.embedded import EmbeddedPostgres, EmbeddedRedis
+    from core.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 
     profile = load_profile(settings.dealership_profile)
     embedded: list[object] = []
@@ -153,21 +171,27 @@ async def open_resources(
         if not database_url:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             pg = EmbeddedPostgres()
-            fresh_embedded_db = not (settings.data_dir / "postgres" / "PG_VERSION").exists()
-            await pg.astart(settings.data_dir / "postgres")
+            try:
+                await pg.astart(settings.data_dir / "postgres")
+            except EmbeddedServerError as exc:
+                raise StartupError(f"{exc}\n(or set DATABASE_URL)") from exc
+            fresh_embedded_db = pg.initialized_here  # only the process that ran initdb seeds
             stack.push_async_callback(pg.astop)
             embedded.append(pg)
             database_url = pg.url
-            logger.info("DATABASE_URL unset: started embedded Postgres under DATA_DIR")
+            logger.info("DATABASE_URL unset: using the embedded Postgres under DATA_DIR")
         redis_url = settings.redis_url
         if not redis_url:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             rd = EmbeddedRedis()
-            await rd.astart(settings.data_dir / "redis")
+            try:
+                await rd.astart(settings.data_dir / "redis")
+            except EmbeddedServerError as exc:
+                raise StartupError(f"{exc}\n(or set REDIS_URL)") from exc
             stack.push_async_callback(rd.astop)
             embedded.append(rd)
             redis_url = rd.url
-            logger.info("REDIS_URL unset: started embedded Redis under DATA_DIR")
+            logger.info("REDIS_URL unset: using the embedded Redis under DATA_DIR")
 
         if migrate:
             from crm.migrate import apply_migrations

@@ -14,6 +14,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Namespace of every Redis key the app writes (``<prefix>:call:<sid>``, ...).
+DEFAULT_REDIS_KEY_PREFIX = "voice_agent"
 DEFAULT_PROFILE = REPO_ROOT / "core" / "dealership.example.toml"
 
 
@@ -35,6 +37,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     redis_url: str | None = Field(default=None, alias="REDIS_URL")
     data_dir: Path = Field(default=REPO_ROOT / ".data", alias="DATA_DIR")
+    redis_key_prefix: str = Field(
+        default=DEFAULT_REDIS_KEY_PREFIX, alias="REDIS_KEY_PREFIX", pattern=r"^[A-Za-z0-9_.:\-]+$"
+    )
 
     # OpenAI
     openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")
@@ -129,6 +134,14 @@ class Settings(BaseSettings):
     def _empty_is_false(cls, value: object) -> object:
         if value is None or (isinstance(value, str) and not value.strip()):
             return False
+        return value
+
+    @field_validator("redis_key_prefix", mode="before")
+    @classmethod
+    def _prefix_without_colon(cls, value: object) -> object:
+        # Keys are "<prefix>:call:<sid>": "voice_agent:" and "voice_agent" mean the same.
+        if isinstance(value, str):
+            return value.strip().rstrip(":") or DEFAULT_REDIS_KEY_PREFIX
         return value
 
     @field_validator("dealership_profile", mode="before")

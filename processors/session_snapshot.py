@@ -1,9 +1,10 @@
 """Redis snapshots of a live call, written after each bot turn.
 
-:class:`SnapshotStore` keeps one hash per call at ``voice_agent:call:{call_sid}`` (fields
+:class:`SnapshotStore` keeps one hash per call at ``<prefix>:call:{call_sid}`` (fields
 ``version``, ``data`` (JSON), ``finished``) with a TTL, and the set
-``voice_agent:calls:active``. Writes go through a Lua script that compares versions inside
-Redis, so a stale writer can never overwrite a newer snapshot.
+``<prefix>:calls:active``; the prefix is ``REDIS_KEY_PREFIX`` (``voice_agent``). Writes
+go through a Lua script that compares versions inside Redis, so a stale writer can never
+overwrite a newer snapshot.
 
 :class:`SessionSnapshotProcessor` is a pass-through processor placed after
 ``transport.output()``: on each ``BotStoppedSpeakingFrame`` it takes a snapshot from a
@@ -15,7 +16,7 @@ call from the active set.
 
 Wiring::
 
-    store = SnapshotStore(resources.redis)
+    store = SnapshotStore(resources.redis, prefix=settings.redis_key_prefix)
     snapshots = SessionSnapshotProcessor(
         call_sid=session.call_sid,
         store=store,
@@ -45,8 +46,9 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from core.metrics import SNAPSHOT_FAILURES_TOTAL
+from core.settings import DEFAULT_REDIS_KEY_PREFIX
 
-KEY_PREFIX = "voice_agent"
+KEY_PREFIX = DEFAULT_REDIS_KEY_PREFIX  # REDIS_KEY_PREFIX; the app passes its setting
 DEFAULT_TTL_SECS = 24 * 3600
 
 # KEYS[1] call hash, KEYS[2] active set; ARGV: version, data, ttl, call_sid.

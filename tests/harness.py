@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import httpx
 import psycopg
+import redis.asyncio as aioredis
 import uvicorn
 from loguru import logger
 from psycopg.rows import dict_row
@@ -28,6 +29,7 @@ from twilio.request_validator import RequestValidator
 
 from core.settings import Settings
 from runner import create_app, uvicorn_config
+from tests.conftest_db import delete_keys, new_name
 from tests.fakes.deepgram_stt import FakeDeepgramSTT
 from tests.fakes.deepgram_tts import FakeDeepgramTTS
 from tests.fakes.openai_chat import FakeOpenAI, Step, call_tool, say
@@ -209,6 +211,14 @@ class Agent:
                 await asyncio.sleep(0.1)
 
 
+async def _delete_agent_keys(redis_url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await delete_keys(client, prefix)
+    finally:
+        await client.aclose()
+
+
 @contextlib.asynccontextmanager
 async def running_agent(
     *,
@@ -230,13 +240,16 @@ async def running_agent(
         env: Extra settings (by environment name).
 
     Yields:
-        The running agent.
+        The running agent. Its Redis keys sit under a fresh ``REDIS_KEY_PREFIX`` (unless
+        ``env`` names one), deleted when it stops: nothing else in the Redis is touched.
     """
     stt = stt or FakeDeepgramSTT()
     tts = tts or FakeDeepgramTTS(secs_per_char=0.01)
     llm = llm or FakeOpenAI()
     twilio = FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN)
+    env = {"REDIS_KEY_PREFIX": new_name(), **(env or {})}
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(_delete_agent_keys, redis_url, env["REDIS_KEY_PREFIX"])
         for fake in (stt, tts, llm, twilio):
             await stack.enter_async_context(fake)
         port = free_port()
@@ -259,7 +272,7 @@ async def running_agent(
             LOG_LEVEL="WARNING",
             HOST="127.0.0.1",
             PORT=port,
-            **(env or {}),
+            **env,
         )
         app = create_app(settings)
         server = uvicorn.Server(uvicorn_config(app, settings))

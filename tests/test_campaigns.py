@@ -11,13 +11,18 @@ import itertools
 import json
 import os
 import signal
+import sys
 import time as time_mod
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -29,6 +34,7 @@ from crm import calls as crm_calls
 from crm import campaigns as cc
 from crm.vin import make_vin
 
+REPO = Path(__file__).resolve().parents[1]
 CHI = ZoneInfo("America/Chicago")
 # Monday 2026-11-30 10:30 in Chicago: dealership open, every US zone but Hawaii in window.
 NOW = datetime(2026, 11, 30, 10, 30, tzinfo=CHI)
@@ -1054,3 +1060,79 @@ async def test_sigterm_stops_the_worker_command(
     assert await asyncio.wait_for(task, 20) == 0
     cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
     assert (await cur.fetchone())[0] == 0
+
+
+async def test_cli_dry_run_outside_the_window_says_when_it_opens(
+    migrated_db: str, redis_server_url: str, crm: Crm
+) -> None:
+    """`runner.py campaign service-due --dry-run --now <Sunday 22:00>`: not silent."""
+    await crm.customer("a")
+    await crm.customer("b")
+    await crm.customer("later", due_in_days=30)  # not due
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATABASE_URL": migrated_db,
+        "REDIS_URL": redis_server_url,
+        "REDIS_KEY_PREFIX": os.environ["REDIS_KEY_PREFIX"],  # this session's namespace
+        "LOG_LEVEL": "WARNING",
+    }
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(REPO / "runner.py"),
+            "campaign",
+            "service-due",
+            "--dry-run",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    sunday_night = "2026-11-29T22:00:00-06:00"
+    code, out, err = await cli("--now", sunday_night)
+    assert code == 0, err
+    assert "calling window is closed" in out
+    assert "Sun 2026-11-29 22:00 CST" in out and "window 09:00-19:00" in out
+    assert "opens Mon 2026-11-30 09:00 CST; 2 customer(s) due would be called then" in out
+    assert "0 call(s) planned" in out
+    assert "Traceback" not in err
+
+    # --json keeps stdout JSON lines (none: nobody is planned); the sentence goes to stderr.
+    code, out, err = await cli("--json", "--now", "2026-11-30T06:30:00-06:00")
+    assert code == 0, err
+    assert out == ""
+    assert "opens Mon 2026-11-30 09:00 CST; 2 customer(s) due" in err
+
+    # Inside the window: the plan, no notice.
+    code, out, err = await cli("--now", NOW.isoformat())
+    assert code == 0, err
+    assert "2 call(s) planned" in out and "closed" not in out + err
+
+
+@given(
+    instant=st.datetimes(
+        min_value=datetime(2026, 1, 1), max_value=datetime(2028, 12, 31), timezones=st.just(UTC)
+    ),
+    zone=st.sampled_from(["America/Chicago", "America/Los_Angeles", "Pacific/Honolulu"]),
+)
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_next_window_opening_is_the_next_start_of_the_window(instant: datetime, zone: str) -> None:
+    profile = dataclasses.replace(load_profile(DEFAULT_PROFILE), time_zone=ZoneInfo(zone))
+    window = profile.outbound_window
+    opens = app_campaigns.next_window_opening(profile, instant)
+    local = instant.astimezone(profile.time_zone)
+    if window.contains(local.time()):
+        assert opens is None
+        return
+    assert opens is not None and opens > instant
+    assert opens.astimezone(profile.time_zone).time() == window.start
+    # No earlier opening in between: the window is closed from now until then.
+    assert opens - instant <= timedelta(hours=25)
+    if local.time() < window.start:
+        assert opens.date() == local.date()
+    else:
+        assert opens.date() == local.date() + timedelta(days=1)

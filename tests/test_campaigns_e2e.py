@@ -25,6 +25,7 @@ async def run_cli(agent, database_url: str, redis_url: str, *args: str) -> tuple
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": agent.settings.redis_key_prefix,
         "TWILIO_ACCOUNT_SID": agent.settings.twilio_account_sid,
         "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
         "TWILIO_PHONE_NUMBER": "+15555550199",

@@ -32,11 +32,14 @@ class Console:
         self.proc = proc
 
     @classmethod
-    async def start(cls, *, caller: str, database_url: str, redis_url: str) -> Console:
+    async def start(
+        cls, *, caller: str, database_url: str, redis_url: str, key_prefix: str
+    ) -> Console:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
+            "REDIS_KEY_PREFIX": key_prefix,
             "LOG_LEVEL": "WARNING",
         }
         proc = await asyncio.create_subprocess_exec(
@@ -78,10 +81,13 @@ class Console:
 
 
 async def test_console_verifies_lists_and_books_for_a_demo_customer(
-    crm_db: str, redis_server_url: str
+    crm_db: str, redis_server_url: str, redis_key_prefix: str
 ) -> None:
     console = await Console.start(
-        caller="+15555550100", database_url=crm_db, redis_url=redis_server_url
+        caller="+15555550100",
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        key_prefix=redis_key_prefix,
     )
     hello = await console.read()
     assert hello["caller_id_matched"] is True
@@ -110,7 +116,7 @@ async def test_console_verifies_lists_and_books_for_a_demo_customer(
 
 
 async def test_twenty_consoles_booking_the_same_slot_make_one_appointment(
-    crm_db: str, redis_server_url: str
+    crm_db: str, redis_server_url: str, redis_key_prefix: str
 ) -> None:
     with psycopg.connect(crm_db) as conn:
         callers = conn.execute(
@@ -121,7 +127,12 @@ async def test_twenty_consoles_booking_the_same_slot_make_one_appointment(
     assert len(callers) == 20
     consoles = await asyncio.gather(
         *(
-            Console.start(caller=phone, database_url=crm_db, redis_url=redis_server_url)
+            Console.start(
+                caller=phone,
+                database_url=crm_db,
+                redis_url=redis_server_url,
+                key_prefix=redis_key_prefix,
+            )
             for phone, _, _ in callers
         )
     )

@@ -106,10 +106,10 @@ async def test_demo_customer_books_an_oil_change(crm_db: str, redis_server_url: 
         # Ops: a snapshot with the booked appointment and a TTL, no longer active.
         redis = aioredis.Redis.from_url(redis_server_url)
         try:
-            key = f"voice_agent:call:{client.call_sid}"
-            ttl = await redis.ttl(key)
+            prefix = agent.settings.redis_key_prefix
+            ttl = await redis.ttl(f"{prefix}:call:{client.call_sid}")
             assert 0 < ttl <= 24 * 3600
-            assert not await redis.sismember("voice_agent:calls:active", client.call_sid)
+            assert not await redis.sismember(f"{prefix}:calls:active", client.call_sid)
         finally:
             await redis.aclose()
         admin = {"Authorization": "Bearer e2e-admin"}
@@ -344,6 +344,7 @@ async def test_outbound_call_command_posts_the_twilio_request(
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "DATABASE_URL": crm_db,
             "REDIS_URL": redis_server_url,
+            "REDIS_KEY_PREFIX": s.redis_key_prefix,
             "TWILIO_ACCOUNT_SID": s.twilio_account_sid,
             "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
             "TWILIO_PHONE_NUMBER": "+15555550199",
@@ -524,7 +525,9 @@ async def test_twenty_calls_in_a_row_leave_nothing_behind(
         assert agent.stt.connections >= 21 and agent.tts.connections >= 21
         assert outcomes.count("transferred") + outcomes.count("failed") >= 5
         assert all(o is not None for o in outcomes)
-        active = await resources.redis.smembers("voice_agent:calls:active")
+        active = await resources.redis.smembers(
+            f"{resources.settings.redis_key_prefix}:calls:active"
+        )
         assert active == set()
 
 

@@ -498,7 +498,7 @@ MARIA_PHONE = "+15555550142"
 NOW = datetime(2026, 11, 30, 9, 0, tzinfo=TZ)
 
 
-async def tool_ctx(pool, redis_client, calendar: GoogleCalendar):
+async def tool_ctx(pool, redis_client, calendar: GoogleCalendar, key_prefix: str):
     from tools.context import CallSession
     from tools.customers import identify_caller
     from tools.registry import ToolContext, run_tool
@@ -511,6 +511,7 @@ async def tool_ctx(pool, redis_client, calendar: GoogleCalendar):
         profile=PROFILE,
         calendar=calendar,
         now=lambda: NOW,
+        key_prefix=key_prefix,
     )
     assert await identify_caller(ctx)
     result = await run_tool(ctx, "verify_customer", {"date_of_birth": "1988-02-03"})
@@ -519,13 +520,13 @@ async def tool_ctx(pool, redis_client, calendar: GoogleCalendar):
 
 
 async def test_tools_book_and_cancel_mirror_to_google(
-    calendar, fake_api, pool, owner, redis_client
+    calendar, fake_api, pool, owner, redis_client, redis_key_prefix
 ) -> None:
     from tools.registry import run_tool
 
     staff_meeting = (NOW.replace(hour=11), NOW.replace(hour=12))
     fake_api.busy_blocks[CALENDAR_ID] = [staff_meeting]
-    ctx = await tool_ctx(pool, redis_client, calendar)
+    ctx = await tool_ctx(pool, redis_client, calendar, redis_key_prefix)
 
     slots = await run_tool(
         ctx, "check_availability", {"service_type": "oil_change", "date_to": "2026-11-30"}
@@ -556,13 +557,13 @@ async def test_tools_book_and_cancel_mirror_to_google(
 
 
 async def test_tools_book_while_google_is_down(
-    calendar, fake_api, pool, owner, redis_client
+    calendar, fake_api, pool, owner, redis_client, redis_key_prefix
 ) -> None:
     from tools.registry import run_tool
 
     fake_api.fail("freeBusy", 500, times=None)
     fake_api.fail("list", 500, times=None)
-    ctx = await tool_ctx(pool, redis_client, calendar)
+    ctx = await tool_ctx(pool, redis_client, calendar, redis_key_prefix)
 
     slots = await run_tool(ctx, "check_availability", {"service_type": "oil_change"})
     assert slots["ok"] and slots["slots"]  # availability does not depend on Google

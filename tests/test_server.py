@@ -29,23 +29,25 @@ def free_port() -> int:
 
 
 def server_processes(data_dir: Path) -> list[psutil.Process]:
-    """postgres / redis-server processes whose command line or cwd points into data_dir."""
+    """postgres / redis-server processes whose command line or cwd points into data_dir
+    (Redis rewrites its command line; its cwd is its ``--dir``)."""
     found = []
     marker = str(data_dir.resolve())
-    for proc in psutil.process_iter(["name", "cmdline"]):
+    for proc in psutil.process_iter(["name", "cmdline", "cwd"]):
         try:
             cmd = " ".join(proc.info["cmdline"] or [])
             name = proc.info["name"] or ""
-            if ("postgres" in name or "redis" in name or "postgres" in cmd) and marker in cmd:
+            where = f"{cmd} {proc.info['cwd'] or ''}"
+            if ("postgres" in name or "redis" in name or "postgres" in cmd) and marker in where:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
 
 
-def test_embedded_servers_start_and_stop_without_leftovers(tmp_path: Path) -> None:
-    pg = EmbeddedPostgres().start(tmp_path / "pg")
-    rd = EmbeddedRedis().start(tmp_path / "redis")
+def test_embedded_servers_start_and_stop_without_leftovers(server_tmp: Path) -> None:
+    pg = EmbeddedPostgres().start(server_tmp / "pg")
+    rd = EmbeddedRedis().start(server_tmp / "redis")
     try:
         import psycopg
         import redis
@@ -53,14 +55,14 @@ def test_embedded_servers_start_and_stop_without_leftovers(tmp_path: Path) -> No
         with psycopg.connect(pg.url) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         assert redis.Redis.from_url(rd.url).ping()
-        assert server_processes(tmp_path), "the servers should be visible while running"
+        assert server_processes(server_tmp), "the servers should be visible while running"
     finally:
         pg.stop()
         rd.stop()
     deadline = time.monotonic() + 10
-    while server_processes(tmp_path) and time.monotonic() < deadline:
+    while server_processes(server_tmp) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert server_processes(tmp_path) == []
+    assert server_processes(server_tmp) == []
     pg.stop()  # idempotent
     rd.stop()
 
@@ -82,21 +84,21 @@ def wait_for_health(base: str, proc: subprocess.Popen, timeout: float) -> httpx.
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_runner_starts_on_embedded_servers_and_stops_cleanly(
-    tmp_path: Path, stop_signal: signal.Signals
+    server_tmp: Path, stop_signal: signal.Signals
 ) -> None:
     """`python runner.py` with no DATABASE_URL/REDIS_URL: seeded CRM, /health 200, no orphans."""
     port = free_port()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "DATA_DIR": str(tmp_path / "data"),
+        "HOME": str(server_tmp),
+        "DATA_DIR": str(server_tmp / "data"),
         "PORT": str(port),
         "HOST": "127.0.0.1",
         "LOG_LEVEL": "INFO",
     }
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "runner.py")],
-        cwd=tmp_path,  # not the repo: .env there must not leak in; runner finds its files
+        cwd=server_tmp,  # not the repo: .env there must not leak in; runner finds its files
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -106,7 +108,7 @@ def test_runner_starts_on_embedded_servers_and_stops_cleanly(
         response = wait_for_health(f"http://127.0.0.1:{port}", proc, timeout=90)
         assert response.status_code == 200, response.text
         assert response.json()["components"] == {"db": "ok", "redis": "ok"}
-        assert server_processes(tmp_path / "data")
+        assert server_processes(server_tmp / "data")
     finally:
         proc.send_signal(stop_signal)
         try:
@@ -119,18 +121,21 @@ def test_runner_starts_on_embedded_servers_and_stops_cleanly(
     assert "Traceback" not in out, out[-3000:]
     # The demo CRM was seeded, and the log names the missing API keys without PII.
     assert "Seeded the embedded CRM" in out
-    assert f"embedded Postgres ready at {(tmp_path / 'data' / 'postgres').resolve()}" in out
+    assert f"embedded Postgres ready at {(server_tmp / 'data' / 'postgres').resolve()}" in out
     assert "OPENAI_API_KEY" in out
     assert "+1555555" not in out
     deadline = time.monotonic() + 10
-    while server_processes(tmp_path / "data") and time.monotonic() < deadline:
+    while server_processes(server_tmp / "data") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert server_processes(tmp_path / "data") == []
+    assert server_processes(server_tmp / "data") == []
 
 
 async def test_health_is_503_when_redis_goes_down(migrated_db: str, tmp_path: Path) -> None:
     redis_server = EmbeddedRedis().start(tmp_path / "redis")
-    settings = Settings(_env_file=None, DATABASE_URL=migrated_db, REDIS_URL=redis_server.url)
+    settings = Settings(
+        _env_file=None, DATABASE_URL=migrated_db, REDIS_URL=redis_server.url, ADMIN_TOKEN="ops"
+    )
+    admin = {"Authorization": "Bearer ops"}
     app: FastAPI = create_app(settings)
     try:
         async with app.router.lifespan_context(app):
@@ -147,6 +152,11 @@ async def test_health_is_503_when_redis_goes_down(migrated_db: str, tmp_path: Pa
                 assert body["status"] == "degraded"
                 assert body["components"]["db"] == "ok"
                 assert body["components"]["redis"].startswith("down")
+                # The ops views say Redis is down too, without a 500.
+                for path in ("/calls/active", "/calls/CA123"):
+                    refused = await client.get(path, headers=admin)
+                    assert refused.status_code == 503, refused.text
+                    assert "Redis" in refused.json()["error"]
 
                 redis_server.start(tmp_path / "redis")
                 deadline = time.monotonic() + 10
@@ -154,6 +164,7 @@ async def test_health_is_503_when_redis_goes_down(migrated_db: str, tmp_path: Pa
                 while back.status_code != 200 and time.monotonic() < deadline:
                     back = await client.get("/health")
                 assert back.status_code == 200
+                assert (await client.get("/calls/active", headers=admin)).json() == {"calls": []}
     finally:
         redis_server.stop()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import shutil
 import socket
@@ -11,7 +10,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -84,51 +83,19 @@ class PrivateRedis:
             self.proc = None
 
 
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.3) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """``REDIS_URL``, else local Redis on 6379, else a private server (never skipped)."""
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
-        return
-    if _answers("127.0.0.1", 6379):
-        yield "redis://127.0.0.1:6379/0"
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="va-snap-"))
-    server = PrivateRedis(tmp)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+async def redis(redis_server_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on the test Redis (``REDIS_URL`` or the session's embedded server); tests
+    write only under their ``redis_key_prefix``."""
+    client = aioredis.Redis.from_url(redis_server_url)
     try:
         yield client
     finally:
         await client.aclose()
 
 
-def _prefix() -> str:
-    # A private key space per test, so tests never touch real data or each other.
-    return f"test_{uuid.uuid4().hex[:8]}:voice_agent"
-
-
-async def test_write_sets_ttl_and_active(redis: aioredis.Redis) -> None:
-    store = SnapshotStore(redis, ttl_secs=600, prefix=_prefix())
+async def test_write_sets_ttl_and_active(redis: aioredis.Redis, redis_key_prefix: str) -> None:
+    store = SnapshotStore(redis, ttl_secs=600, prefix=redis_key_prefix)
     assert await store.write("CA1", 1, {"flow_node": "greeting"})
     ttl = await redis.ttl(store.key("CA1"))
     assert 0 < ttl <= 600
@@ -162,8 +129,10 @@ class NaiveStore:
         await self.redis.hset(self.key, mapping={"version": version, "data": data})
 
 
-async def test_stale_writer_cannot_overwrite_newer_snapshot(redis: aioredis.Redis) -> None:
-    prefix = _prefix()
+async def test_stale_writer_cannot_overwrite_newer_snapshot(
+    redis: aioredis.Redis, redis_key_prefix: str
+) -> None:
+    prefix = redis_key_prefix
 
     # Two writers race: both read "nothing stored yet", the newer (v2) writes first,
     # the stale one (v1) writes last.
@@ -198,8 +167,10 @@ async def test_stale_writer_cannot_overwrite_newer_snapshot(redis: aioredis.Redi
         await redis.delete(*keys)
 
 
-async def test_processor_writes_after_bot_turn_and_finishes(redis: aioredis.Redis) -> None:
-    store = SnapshotStore(redis, ttl_secs=3600, prefix=_prefix())
+async def test_processor_writes_after_bot_turn_and_finishes(
+    redis: aioredis.Redis, redis_key_prefix: str
+) -> None:
+    store = SnapshotStore(redis, ttl_secs=3600, prefix=redis_key_prefix)
 
     session = SimpleNamespace(
         direction="inbound",

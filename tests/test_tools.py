@@ -25,6 +25,16 @@ ANA_PHONE = "+15555550100"
 BEN_PHONE = "+15555550101"
 
 
+#: Redis key prefix of the running test (its own namespace on the given Redis).
+KEY_PREFIX = ""
+
+
+@pytest.fixture(autouse=True)
+def _own_redis_namespace(redis_key_prefix: str) -> None:
+    global KEY_PREFIX
+    KEY_PREFIX = redis_key_prefix
+
+
 @pytest.fixture
 async def pool(migrated_db: str):
     async with AsyncConnectionPool(migrated_db, min_size=1, max_size=30, open=False) as pool:
@@ -72,6 +82,7 @@ def make_ctx(pool, redis_client, caller: str | None, *, now=NOW, profile=BASE_PR
         profile=profile,
         calendar=PostgresCalendar(),
         now=lambda: now,
+        key_prefix=KEY_PREFIX,
     )
 
 

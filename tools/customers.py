@@ -81,16 +81,16 @@ def parse_spoken_date(raw: str) -> date | None:
     return None
 
 
-def _keys(customer_id: int) -> tuple[str, str]:
+def _keys(ctx: ToolContext, customer_id: int) -> tuple[str, str]:
     return (
-        f"voice_agent:verify:fail:{customer_id}",
-        f"voice_agent:verify:lock:{customer_id}",
+        f"{ctx.key_prefix}:verify:fail:{customer_id}",
+        f"{ctx.key_prefix}:verify:lock:{customer_id}",
     )
 
 
 async def is_locked(ctx: ToolContext, customer_id: int) -> bool:
     """Whether verification is locked for the customer (Redis, or the CRM row)."""
-    _, lock_key = _keys(customer_id)
+    _, lock_key = _keys(ctx, customer_id)
     if await ctx.redis.exists(lock_key):
         return True
     async with ctx.db.connection() as conn:
@@ -269,7 +269,7 @@ async def verify_customer(
     if refusal is not None:
         raise refusal
     if session.verified:
-        fail_key, _ = _keys(customer_id)
+        fail_key, _ = _keys(ctx, customer_id)
         await ctx.redis.delete(fail_key)
         return {"ok": True, "verified": True, "first_name": session.customer_first_name}
     return {
@@ -313,7 +313,7 @@ async def _check_factors(
 
 
 async def _record_failure(ctx: ToolContext, customer_id: int) -> int:
-    fail_key, lock_key = _keys(customer_id)
+    fail_key, lock_key = _keys(ctx, customer_id)
     return int(
         await ctx.redis.eval(
             _FAIL_SCRIPT, 2, fail_key, lock_key, LOCK_SECONDS * 1000, MAX_FAILED_ATTEMPTS

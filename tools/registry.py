@@ -22,6 +22,7 @@ from loguru import logger
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 
 from core.profile import DealershipProfile
+from core.settings import DEFAULT_REDIS_KEY_PREFIX
 from tools.context import CallSession
 
 ToolFn = Callable[..., Awaitable[dict[str, Any]]]
@@ -52,6 +53,7 @@ class ToolContext:
     calendar: Any = None  # scheduling.calendar.Calendar
     now: Callable[[], Any] | None = None
     durations: list[tuple[str, float, bool]] = field(default_factory=list)
+    key_prefix: str = DEFAULT_REDIS_KEY_PREFIX  # REDIS_KEY_PREFIX: namespace of Redis keys
 
 
 @dataclass(frozen=True)
