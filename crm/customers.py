@@ -53,17 +53,18 @@ async def search_customers(
     phone: str | None = None,
     first_name: str | None = None,
     last_name: str | None = None,
-    zip_code: str | None = None,
     limit: int = 5,
 ) -> list[CustomerIdentity]:
     """Customers matching every given criterion (phone matches primary or alternate).
+
+    No ZIP code criterion: the ZIP is a verification factor, compared only after an
+    attempt was claimed (see :func:`claim_verification_attempt`).
 
     Args:
         conn: Database connection.
         phone: E.164 number.
         first_name: First name, case-insensitive.
         last_name: Last name, case-insensitive.
-        zip_code: ZIP code (first 5 digits compared).
         limit: Maximum rows.
 
     Returns:
@@ -80,9 +81,6 @@ async def search_customers(
     if last_name:
         clauses.append("lower(last_name) = lower(%(last_name)s)")
         params["last_name"] = last_name.strip()
-    if zip_code:
-        clauses.append("left(zip_code, 5) = left(%(zip_code)s, 5)")
-        params["zip_code"] = zip_code.strip()
     if not clauses:
         return []
     async with conn.cursor(row_factory=class_row(CustomerIdentity)) as cur:

@@ -355,6 +355,64 @@ async def test_success_does_not_wipe_other_calls_failures(pool, redis_client, cr
     assert (attempts, failed, is_locked) == (1, 3, True)
 
 
+async def test_lookup_by_zip_is_no_oracle(pool, redis_client, crm_data) -> None:
+    """ZIP guesses through lookup_customer use the same 3 attempts as verify_customer."""
+    guesses = [f"{60600 + i:05d}" for i in range(6)] + ["60614"]  # the right one last
+    replies = []
+    for zip_code in guesses:
+        ctx = make_ctx(pool, redis_client, "+15555559999")
+        replies.append(
+            await run_tool(
+                ctx,
+                "lookup_customer",
+                {"first_name": "Ana", "last_name": "Lopez", "zip_code": zip_code},
+            )
+        )
+    assert [r.get("found") for r in replies[:3]] == [False, False, False]
+    assert all(r["error"] == "locked" for r in replies[3:]), replies
+    assert await _verification_row(pool, crm_data["ana"]) == (3, 3, True, False)
+
+
+async def test_lookup_with_the_right_zip_counts_as_one_factor(pool, redis_client, crm_data) -> None:
+    ctx = make_ctx(pool, redis_client, "+15555559999")  # not her number: two factors
+    found = await run_tool(
+        ctx, "lookup_customer", {"first_name": "Ana", "last_name": "Lopez", "zip_code": "60614"}
+    )
+    assert found == {
+        "ok": True,
+        "found": True,
+        "first_name": "Ana",
+        "needs": "verification",
+        "factors_needed": 1,
+    }
+    verified = await run_tool(ctx, "verify_customer", {"vin_last4": crm_data["ana_vin4"]})
+    assert verified["verified"] is True
+    assert await _verification_row(pool, crm_data["ana"]) == (2, 0, False, True)
+    # From her own number the ZIP completes verification (caller ID + ZIP).
+    own = make_ctx(pool, redis_client, ANA_PHONE)
+    done = await run_tool(own, "lookup_customer", {"phone": ANA_PHONE, "zip_code": "60614"})
+    assert done["verified"] is True and own.session.verified
+
+
+async def test_lookup_zip_tells_namesakes_apart(pool, redis_client, crm_data) -> None:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "INSERT INTO customers (first_name, last_name, phone, zip_code, date_of_birth) "
+            "VALUES ('Ana', 'Lopez', '+15555550177', '60201', '1990-02-02') RETURNING id"
+        )
+        other = (await cur.fetchone())[0]
+    ctx = make_ctx(pool, redis_client, "+15555559999")
+    both = await run_tool(ctx, "lookup_customer", {"first_name": "Ana", "last_name": "Lopez"})
+    assert both["unique"] is False
+    one = await run_tool(
+        ctx, "lookup_customer", {"first_name": "Ana", "last_name": "Lopez", "zip_code": "60201"}
+    )
+    assert one["found"] is True and ctx.session.customer_id == other
+    # Each namesake's ZIP was compared once; neither failed (one of them matched).
+    assert (await _verification_row(pool, other))[:3] == (1, 0, False)
+    assert (await _verification_row(pool, crm_data["ana"]))[:3] == (1, 0, False)
+
+
 async def test_unparseable_factor_is_asked_again_without_using_an_attempt(
     pool, redis_client, crm_data
 ) -> None:

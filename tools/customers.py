@@ -111,8 +111,9 @@ async def identify_caller(ctx: ToolContext) -> bool:
     description=(
         "Find the caller's customer record when caller ID did not identify them. Pass the "
         "phone number on their account, or their first and last name, and their ZIP code "
-        "if they gave it. Returns only whether a record exists and the first name; the "
-        "caller must then be verified with verify_customer."
+        "if they gave it (it then counts as one verification detail). Returns only whether "
+        "a record exists and the first name; the caller must then be verified with "
+        "verify_customer."
     ),
     properties={
         "phone": {"type": "string", "description": "Phone number on the account, digits."},
@@ -120,6 +121,7 @@ async def identify_caller(ctx: ToolContext) -> bool:
         "last_name": {"type": "string", "description": "Caller's last name."},
         "zip_code": {"type": "string", "description": "ZIP code of the account address."},
     },
+    mutating=True,  # a ZIP code is compared like a verification factor: attempts are written
 )
 async def lookup_customer(
     ctx: ToolContext,
@@ -129,7 +131,12 @@ async def lookup_customer(
     last_name: str | None = None,
     zip_code: str | None = None,
 ) -> dict[str, Any]:
-    """Find the caller's record; reveals at most the first name."""
+    """Find the caller's record; reveals at most the first name.
+
+    A ZIP code is a verification factor, so it never filters the search: it is compared
+    with each record the phone or name found, and each such comparison claims one of that
+    customer's verification attempts first (an unbounded lookup would be a ZIP oracle).
+    """
     normalized = normalize_phone(phone) if phone else None
     if phone and not normalized:
         raise ToolRefusal("That phone number doesn't look complete. Could you repeat it?")
@@ -138,10 +145,13 @@ async def lookup_customer(
             "I need the phone number on your account, or your first and last name.",
             code="missing_argument",
         )
+    zip5 = _parse_factors(date_of_birth=None, zip_code=zip_code, vin_last4=None).zip_code
     async with ctx.db.connection() as conn:
         matches = await crm_customers.search_customers(
-            conn, phone=normalized, first_name=first_name, last_name=last_name, zip_code=zip_code
+            conn, phone=normalized, first_name=first_name, last_name=last_name
         )
+    if matches and zip5 is not None:
+        matches = await _compare_zip(ctx, matches, zip5)
     if not matches:
         return {
             "ok": True,
@@ -157,18 +167,53 @@ async def lookup_customer(
             "and ZIP code?",
         }
     match = matches[0]
-    ctx.session.match_customer(
+    session = ctx.session
+    session.match_customer(
         customer_id=match.id,
         first_name=match.first_name,
-        caller_id=bool(ctx.session.caller_phone) and match.phone == ctx.session.caller_phone,
+        caller_id=bool(session.caller_phone) and match.phone == session.caller_phone,
     )
+    if zip5 is not None:  # compared (and claimed) above: it counts as a passed factor
+        session.factors.add("zip_code")
+        if len(session.factors) >= FACTORS_NEEDED:
+            session.verified = True
+            async with ctx.db.connection() as conn:
+                await crm_customers.record_verification_success(conn, match.id)
+            return {"ok": True, "found": True, "first_name": match.first_name, "verified": True}
     return {
         "ok": True,
         "found": True,
         "first_name": match.first_name,
         "needs": "verification",
-        "factors_needed": 1 if ctx.session.caller_id_matched else 2,
+        "factors_needed": FACTORS_NEEDED - len(session.factors),
     }
+
+
+async def _compare_zip(
+    ctx: ToolContext, candidates: list[crm_customers.CustomerIdentity], zip5: str
+) -> list[crm_customers.CustomerIdentity]:
+    """The candidates whose ZIP code is ``zip5``, each comparison claimed first.
+
+    A candidate out of attempts (or locked) is not compared. When none of the compared
+    ones matches, the ZIP was a wrong guess for each of them and counts as a failure.
+    """
+    compared = []
+    for candidate in candidates:
+        async with ctx.db.connection() as conn:
+            if await crm_customers.claim_verification_attempt(
+                conn, candidate.id, max_attempts=MAX_ATTEMPTS, window=ATTEMPT_WINDOW
+            ):
+                compared.append(candidate)
+    if not compared:
+        raise ToolRefusal(LOCKED_SAY, code="locked", transfer=True)
+    matched = [c for c in compared if c.zip_code and c.zip_code[:5] == zip5]
+    if not matched:
+        for candidate in compared:
+            async with ctx.db.connection() as conn:
+                await crm_customers.record_verification_failure(
+                    conn, candidate.id, max_failures=MAX_FAILED_ATTEMPTS, window=ATTEMPT_WINDOW
+                )
+    return matched
 
 
 @tool(
