@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -352,18 +353,26 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
-async def _tools_console(settings: Settings, *, caller: str, now: str | None) -> int:
-    from datetime import datetime
+def _aware_datetime(text: str) -> datetime:
+    """``--now``: an ISO 8601 time with a UTC offset, or a one-line usage error."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time with a UTC offset, e.g. 2026-11-30T10:00:00-06:00, "
+            f"not {text[:40]!r}"
+        )
+    return value
 
+
+async def _tools_console(settings: Settings, *, caller: str, now: datetime | None) -> int:
     from tools.console import run_console
 
-    fixed_now = datetime.fromisoformat(now) if now else None
-    if fixed_now is not None and fixed_now.tzinfo is None:
-        print("--now needs a UTC offset, e.g. 2026-11-30T10:00:00-06:00", file=sys.stderr)
-        return 2
     try:
         async with open_resources(settings) as resources:
-            return await run_console(resources, caller=caller, now=fixed_now)
+            return await run_console(resources, caller=caller, now=now)
     except (StartupError, ProfileError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
@@ -415,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         "tools", help="run tool calls from JSON lines on stdin in one call session"
     )
     tools_cmd.add_argument("--caller", required=True, help="caller ID, E.164 (+15551234567)")
-    tools_cmd.add_argument("--now", help="fixed current time, ISO 8601 with offset")
+    tools_cmd.add_argument(
+        "--now", type=_aware_datetime, help="fixed current time, ISO 8601 with offset"
+    )
     call_cmd = sub.add_parser("call", help="place one outbound call through Twilio")
     call_cmd.add_argument("number", help="number to call, E.164 (+15551234567)")
     call_cmd.add_argument(

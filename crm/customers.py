@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
@@ -53,17 +53,18 @@ async def search_customers(
     phone: str | None = None,
     first_name: str | None = None,
     last_name: str | None = None,
-    zip_code: str | None = None,
     limit: int = 5,
 ) -> list[CustomerIdentity]:
     """Customers matching every given criterion (phone matches primary or alternate).
+
+    No ZIP code criterion: the ZIP is a verification factor, compared only after an
+    attempt was claimed (see :func:`claim_verification_attempt`).
 
     Args:
         conn: Database connection.
         phone: E.164 number.
         first_name: First name, case-insensitive.
         last_name: Last name, case-insensitive.
-        zip_code: ZIP code (first 5 digits compared).
         limit: Maximum rows.
 
     Returns:
@@ -80,9 +81,6 @@ async def search_customers(
     if last_name:
         clauses.append("lower(last_name) = lower(%(last_name)s)")
         params["last_name"] = last_name.strip()
-    if zip_code:
-        clauses.append("left(zip_code, 5) = left(%(zip_code)s, 5)")
-        params["zip_code"] = zip_code.strip()
     if not clauses:
         return []
     async with conn.cursor(row_factory=class_row(CustomerIdentity)) as cur:
@@ -114,27 +112,102 @@ async def vin_last4_matches(conn: AsyncConnection, customer_id: int, last4: str)
     return bool(row and row[0])
 
 
-async def record_verification(
-    conn: AsyncConnection, customer_id: int, *, success: bool, locked_until: datetime | None
-) -> None:
-    """Mirror a verification outcome onto the customer row (attempts, lock, last verified).
+@dataclass(frozen=True)
+class VerificationFailure:
+    """The customer row after a failed comparison was recorded."""
+
+    failed_attempts: int
+    locked_until: datetime | None
+
+
+async def claim_verification_attempt(
+    conn: AsyncConnection, customer_id: int, *, max_attempts: int, window: timedelta
+) -> bool:
+    """Claim one verification comparison for a customer, atomically, before comparing.
+
+    One UPDATE: it appends ``now()`` to ``verification_attempts`` only while fewer than
+    ``max_attempts`` attempts are younger than ``window`` and no lock is in force. Postgres
+    serialises concurrent updates of the row and re-checks the WHERE clause against the
+    newest version, so parallel sessions can never claim more than ``max_attempts``
+    between them. The claim must be committed before the comparison runs (use a
+    connection block of its own).
 
     Args:
         conn: Database connection.
         customer_id: Customer id.
-        success: Whether the attempt succeeded.
-        locked_until: New lock expiry after a lockout, else ``None``.
+        max_attempts: Comparisons allowed per ``window``.
+        window: Length of the sliding window.
+
+    Returns:
+        Whether a comparison may run; ``False`` when locked, out of attempts or unknown.
     """
-    if success:
-        await conn.execute(
-            "UPDATE customers SET verification_failed_attempts = 0, "
-            "verification_locked_until = NULL, last_verified_at = now() WHERE id = %(id)s",
-            {"id": customer_id},
+    cur = await conn.execute(
+        """
+        UPDATE customers
+        SET verification_attempts =
+                verification_attempts_since(verification_attempts, now() - %(window)s) || now()
+        WHERE id = %(id)s
+          AND (verification_locked_until IS NULL OR verification_locked_until <= now())
+          AND cardinality(verification_attempts_since(verification_attempts, now() - %(window)s))
+              < %(max)s
+        RETURNING id
+        """,
+        {"id": customer_id, "window": window, "max": max_attempts},
+    )
+    return await cur.fetchone() is not None
+
+
+async def record_verification_failure(
+    conn: AsyncConnection, customer_id: int, *, max_failures: int, window: timedelta
+) -> VerificationFailure | None:
+    """Count a failed comparison on the customer row; the last allowed one locks it.
+
+    Failures form a run while each follows the previous within ``window``; the failure
+    that brings the run to ``max_failures`` sets ``verification_locked_until`` to
+    ``now() + window`` (never shortening a lock already in force). One statement whose SET
+    reads the row's newest version (Postgres serialises concurrent updates of the row),
+    so concurrent failures are all counted.
+
+    Args:
+        conn: Database connection.
+        customer_id: Customer id.
+        max_failures: Failures in a run that lock verification.
+        window: Run gap and lock length.
+
+    Returns:
+        The failure count and lock after this failure, or ``None`` for an unknown customer.
+    """
+    async with conn.cursor(row_factory=class_row(VerificationFailure)) as cur:
+        await cur.execute(
+            """
+            UPDATE customers
+            SET verification_failed_attempts = CASE
+                    WHEN verification_last_failed_at > now() - %(window)s
+                    THEN verification_failed_attempts + 1 ELSE 1 END,
+                verification_last_failed_at = now(),
+                verification_locked_until = CASE
+                    WHEN (CASE WHEN verification_last_failed_at > now() - %(window)s
+                               THEN verification_failed_attempts + 1 ELSE 1 END) >= %(max)s
+                    THEN greatest(verification_locked_until, now() + %(window)s)
+                    ELSE verification_locked_until END
+            WHERE id = %(id)s
+            RETURNING verification_failed_attempts AS failed_attempts,
+                      verification_locked_until AS locked_until
+            """,
+            {"id": customer_id, "window": window, "max": max_failures},
         )
-    else:
-        await conn.execute(
-            "UPDATE customers SET verification_failed_attempts = "
-            "verification_failed_attempts + 1, verification_locked_until = "
-            "COALESCE(%(locked_until)s, verification_locked_until) WHERE id = %(id)s",
-            {"id": customer_id, "locked_until": locked_until},
-        )
+        return await cur.fetchone()
+
+
+async def record_verification_success(conn: AsyncConnection, customer_id: int) -> None:
+    """Note a successful verification; failures and locks are left as they are.
+
+    A success must not wipe failures: they may be another, concurrent caller's guesses.
+
+    Args:
+        conn: Database connection.
+        customer_id: Customer id.
+    """
+    await conn.execute(
+        "UPDATE customers SET last_verified_at = now() WHERE id = %(id)s", {"id": customer_id}
+    )

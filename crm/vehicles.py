@@ -12,14 +12,16 @@ from psycopg.rows import class_row
 
 @dataclass(frozen=True)
 class VehicleSummary:
-    """A vehicle as the bot talks about it."""
+    """A vehicle as the bot talks about it.
+
+    No VIN: its last four characters verify the caller, so they never reach a tool.
+    """
 
     id: int
     year: int
     make: str
     model: str
     trim: str | None
-    vin: str
     current_mileage: int | None
     warranty_end_date: date | None
     warranty_end_miles: int | None
@@ -55,7 +57,7 @@ async def list_vehicles(conn: AsyncConnection, customer_id: int) -> list[Vehicle
     async with conn.cursor(row_factory=class_row(VehicleSummary)) as cur:
         await cur.execute(
             """
-            SELECT id, year, make, model, trim, vin, current_mileage, warranty_end_date,
+            SELECT id, year, make, model, trim, current_mileage, warranty_end_date,
                    warranty_end_miles, last_service_date, last_service_mileage,
                    next_service_due_date, next_service_due_mileage,
                    COALESCE(open_recall_codes, '{}') AS open_recall_codes

@@ -93,7 +93,20 @@ async def test_twenty_sessions_of_one_caller_book_the_vehicle_once(
     """Ten sessions book the slot they were all offered at once; ten more look up "the
     first slot" and book it while the others are booking (so some see the next bay)."""
     vehicle = crm_data["ana_vehicle"]
-    contexts = [await verified_ctx(pool, redis_client, sid=f"CA{i:032d}") for i in range(20)]
+    # One real verification (the lockout allows 3 comparisons per 15 minutes per customer);
+    # the other 19 sessions of the same caller carry the verified state it produced.
+    first = await verified_ctx(pool, redis_client, sid=f"CA{0:032d}")
+    contexts = [first]
+    for i in range(1, 20):
+        ctx = make_ctx(pool, redis_client, ANA_PHONE, sid=f"CA{i:032d}")
+        ctx.session.match_customer(
+            customer_id=first.session.customer_id,
+            first_name=first.session.customer_first_name,
+            caller_id=True,
+        )
+        ctx.session.factors = set(first.session.factors)
+        ctx.session.verified = True
+        contexts.append(ctx)
     offered = [await first_slot(ctx) for ctx in contexts[:10]]
 
     async def look_then_book(ctx) -> dict:

@@ -73,6 +73,13 @@ class Console:
         assert reply["name"] == name
         return reply["result"]
 
+    async def send_line(self, line: bytes) -> dict[str, Any]:
+        """Send one raw input line; return the one JSON line answered."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + b"\n")
+        await self.proc.stdin.drain()
+        return await self.read()
+
     async def close(self) -> int:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
@@ -172,3 +179,60 @@ async def test_twenty_consoles_booking_the_same_slot_make_one_appointment(
             "SELECT count(*) FROM appointments WHERE call_sid LIKE 'console-%%'"
         ).fetchone()[0]
     assert booked == 1
+
+
+async def test_console_answers_bad_lines_and_keeps_going(
+    crm_db: str, redis_server_url: str
+) -> None:
+    console = await Console.start(
+        caller="+15555550100", database_url=crm_db, redis_url=redis_server_url
+    )
+    assert (await console.read())["caller_id_matched"] is True
+    for line, says in (
+        (b'{"name": ["a"]}', '"name" must be a tool name'),
+        (b'{"name": {"x": 1}, "arguments": {}}', '"name" must be a tool name'),
+        (b'{"name": "verify_customer", "arguments": [1]}', '"arguments" must be a JSON object'),
+        (b"[1, 2]", "expected a JSON object"),
+        (b"not json", "not JSON"),
+        (b"\xff\xfe{", "not JSON"),
+        (b"[" * 100_000, "not JSON"),
+    ):
+        reply = await console.send_line(line)
+        assert reply["ok"] is False and reply["error"] == "bad_input_line", (line[:40], reply)
+        assert says in reply["message"]
+    # A hostile argument is the tool's business: a sentence, not a traceback.
+    verified = await console.call("verify_customer", date_of_birth="1985-04-12")
+    assert verified["verified"] is True
+    odd = await console.call("get_vehicle_history", vehicle_id="abc")
+    assert odd["error"] == "bad_arguments" and odd["argument"] == "vehicle_id"
+    assert (await console.call("get_vehicle_history", vehicle_id="1"))["ok"] is True
+    assert await console.close() == 1  # some lines were not tool calls
+    assert console.proc.stderr is not None
+    assert b"Traceback" not in await console.proc.stderr.read()
+
+
+@pytest.mark.parametrize("now", ["tomorrow", "2026-11-30T09:00:00", "2026-13-45T09:00:00+00:00"])
+async def test_console_now_needs_a_time_with_an_offset(now: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(REPO / "runner.py"),
+        "tools",
+        "--caller",
+        "+15555550100",
+        "--now",
+        now,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LOG_LEVEL": "WARNING"},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert out == b""
+    lines = err.decode().strip().splitlines()  # (Pipecat's import banner may come first)
+    assert lines[-2].startswith("usage: runner.py tools")
+    assert lines[-1] == (
+        "runner.py tools: error: argument --now: expected an ISO 8601 time with a UTC offset, "
+        f"e.g. 2026-11-30T10:00:00-06:00, not {now!r}"
+    )
+    assert "Traceback" not in err.decode() and "ValueError" not in err.decode()

@@ -8,6 +8,8 @@ import json
 from datetime import datetime, time, timedelta
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg_pool import AsyncConnectionPool
 
 from core.profile import TimeRange, load_profile
@@ -187,6 +189,257 @@ async def test_lockout_after_three_failures_shared_by_concurrent_calls(
             (crm_data["ana"],),
         )
         assert (await cur.fetchone())[0] is True
+
+
+async def _reset_verification(pool, customer_id: int) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE customers SET verification_attempts = '{}', verification_failed_attempts = 0,"
+            " verification_last_failed_at = NULL, verification_locked_until = NULL,"
+            " last_verified_at = NULL WHERE id = %s",
+            (customer_id,),
+        )
+
+
+async def _verification_row(pool, customer_id: int) -> tuple[int, int, bool, bool]:
+    """(attempts in the window, failed attempts, locked now, verified ever) of a customer."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT cardinality(verification_attempts), verification_failed_attempts,"
+            " coalesce(verification_locked_until > now(), false), last_verified_at IS NOT NULL"
+            " FROM customers WHERE id = %s",
+            (customer_id,),
+        )
+        return await cur.fetchone()
+
+
+class ComparisonCounter:
+    """Counts the comparisons against the record that really run, and their outcomes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import tools.customers as customers_tools
+
+        self.outcomes: list[bool] = []  # True: every given factor matched
+        real = customers_tools._check_factors
+
+        async def counting(*args, **kwargs):
+            passed, failed = await real(*args, **kwargs)
+            self.outcomes.append(not failed)
+            return passed, failed
+
+        monkeypatch.setattr(customers_tools, "_check_factors", counting)
+
+
+RIGHT = {"date_of_birth": "1985-04-12"}
+
+
+def _wrong_guess(i: int, vin4: str) -> dict[str, str]:
+    """A wrong factor of one of the three kinds."""
+    kind = i % 3
+    if kind == 0:
+        return {"date_of_birth": f"19{60 + i % 30}-0{1 + i % 9}-1{i % 10}"}
+    if kind == 1:
+        return {"zip_code": f"{10000 + i:05d}"}
+    wrong = f"{(int(vin4) + 1 + i) % 10000:04d}" if vin4.isdigit() else "0000"
+    return {"vin_last4": wrong}
+
+
+async def _guess_in_parallel(
+    pool, redis_client, guesses: list[dict[str, str]], delays: list[float] | None = None
+) -> list[dict]:
+    from tools.customers import identify_caller
+
+    contexts = [
+        make_ctx(pool, redis_client, ANA_PHONE, sid=f"CAg{i:030d}") for i in range(len(guesses))
+    ]
+    for ctx in contexts:
+        assert await identify_caller(ctx)
+
+    async def guess(ctx: ToolContext, args: dict[str, str], delay: float) -> dict:
+        if delay:
+            await asyncio.sleep(delay)
+        return await run_tool(ctx, "verify_customer", args)
+
+    return list(
+        await asyncio.gather(
+            *(
+                guess(ctx, args, (delays or [0.0] * len(guesses))[i])
+                for i, (ctx, args) in enumerate(zip(contexts, guesses, strict=True))
+            )
+        )
+    )
+
+
+def _check_lockout_outcome(results: list[dict], outcomes: list[bool], row: tuple) -> None:
+    attempts, failed, locked, _ = row
+    verified = [r for r in results if r.get("verified") is True]
+    mismatches = [r for r in results if r.get("error") == "mismatch"]
+    # At most 3 comparisons for 50 sessions, and the database counted each of them.
+    assert len(outcomes) <= 3 and attempts == len(outcomes)
+    assert len(verified) == outcomes.count(True)
+    assert len(mismatches) + len(verified) <= 3
+    assert failed == outcomes.count(False)
+    # Everyone else was refused with a transfer, none was compared.
+    refused = [r for r in results if r.get("error") == "locked"]
+    assert len(refused) + len(mismatches) + len(verified) == len(results)
+    assert all(r["transfer"] is True for r in refused)
+    if outcomes.count(False) == 3:
+        assert locked and not verified
+
+
+async def test_fifty_parallel_guesses_get_three_comparisons(
+    pool, redis_client, crm_data, monkeypatch
+) -> None:
+    """The attack: 50 calls guess one customer's factors at once, the right DOB among them."""
+    counter = ComparisonCounter(monkeypatch)
+    guesses = [_wrong_guess(i, crm_data["ana_vin4"]) for i in range(50)]
+    guesses[25] = RIGHT
+    results = await _guess_in_parallel(pool, redis_client, guesses)
+    row = await _verification_row(pool, crm_data["ana"])
+    _check_lockout_outcome(results, counter.outcomes, row)
+    assert len(counter.outcomes) == 3  # the three slots were used, no more
+    # Afterwards nobody gets a comparison, not even with the right answer.
+    late = make_ctx(pool, redis_client, ANA_PHONE, sid="CAlate")
+    from tools.customers import identify_caller
+
+    await identify_caller(late)
+    again = await run_tool(late, "verify_customer", RIGHT)
+    assert again["error"] == "locked" and not late.session.verified
+    assert len(counter.outcomes) == 3
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    right=st.lists(st.booleans(), min_size=50, max_size=50),
+    delays=st.lists(st.sampled_from([0.0, 0.0, 0.0005, 0.002, 0.01]), min_size=50, max_size=50),
+)
+async def test_any_interleaving_of_right_and_wrong_guesses_compares_at_most_three(
+    pool, redis_client, crm_data, monkeypatch, right: list[bool], delays: list[float]
+) -> None:
+    await _reset_verification(pool, crm_data["ana"])
+    with monkeypatch.context() as patch:
+        counter = ComparisonCounter(patch)
+        guesses = [
+            RIGHT if is_right else _wrong_guess(i, crm_data["ana_vin4"])
+            for i, is_right in enumerate(right)
+        ]
+        results = await _guess_in_parallel(pool, redis_client, guesses, delays)
+    row = await _verification_row(pool, crm_data["ana"])
+    _check_lockout_outcome(results, counter.outcomes, row)
+    assert len(counter.outcomes) == 3
+    # Right answers verify only while fewer than 3 comparisons failed before them: with
+    # three slots, a verification can never come after three failures.
+    assert row[1] == counter.outcomes.count(False)
+
+
+async def test_success_does_not_wipe_other_calls_failures(pool, redis_client, crm_data) -> None:
+    from tools.customers import identify_caller
+
+    attacker, owner, third = (
+        make_ctx(pool, redis_client, ANA_PHONE, sid=f"CAs{i}") for i in range(3)
+    )
+    for ctx in (attacker, owner, third):
+        await identify_caller(ctx)
+    for guess in ({"zip_code": "99999"}, {"date_of_birth": "1990-01-01"}):
+        assert (await run_tool(attacker, "verify_customer", guess))["error"] == "mismatch"
+    assert (await run_tool(owner, "verify_customer", RIGHT))["verified"] is True
+    assert await _verification_row(pool, crm_data["ana"]) == (3, 2, False, True)
+    # The success used the last comparison of the window; the failures are still there.
+    refused = await run_tool(third, "verify_customer", RIGHT)
+    assert refused["error"] == "locked" and not third.session.verified
+    # Once the attempts age out of the 15 minutes, one more failure completes the run of
+    # three (each within 15 minutes of the previous) and locks the row.
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE customers SET verification_attempts = ARRAY["
+            " now() - interval '16 minutes', now() - interval '15 minutes 30 seconds'] "
+            "WHERE id = %s",
+            (crm_data["ana"],),
+        )
+    locked = await run_tool(third, "verify_customer", {"vin_last4": "ZZZZ"})
+    assert locked["error"] == "locked" and locked["transfer"] is True
+    attempts, failed, is_locked, _ = await _verification_row(pool, crm_data["ana"])
+    assert (attempts, failed, is_locked) == (1, 3, True)
+
+
+async def test_lookup_by_zip_is_no_oracle(pool, redis_client, crm_data) -> None:
+    """ZIP guesses through lookup_customer use the same 3 attempts as verify_customer."""
+    guesses = [f"{60600 + i:05d}" for i in range(6)] + ["60614"]  # the right one last
+    replies = []
+    for zip_code in guesses:
+        ctx = make_ctx(pool, redis_client, "+15555559999")
+        replies.append(
+            await run_tool(
+                ctx,
+                "lookup_customer",
+                {"first_name": "Ana", "last_name": "Lopez", "zip_code": zip_code},
+            )
+        )
+    assert [r.get("found") for r in replies[:3]] == [False, False, False]
+    assert all(r["error"] == "locked" for r in replies[3:]), replies
+    assert await _verification_row(pool, crm_data["ana"]) == (3, 3, True, False)
+
+
+async def test_lookup_with_the_right_zip_counts_as_one_factor(pool, redis_client, crm_data) -> None:
+    ctx = make_ctx(pool, redis_client, "+15555559999")  # not her number: two factors
+    found = await run_tool(
+        ctx, "lookup_customer", {"first_name": "Ana", "last_name": "Lopez", "zip_code": "60614"}
+    )
+    assert found == {
+        "ok": True,
+        "found": True,
+        "first_name": "Ana",
+        "needs": "verification",
+        "factors_needed": 1,
+    }
+    verified = await run_tool(ctx, "verify_customer", {"vin_last4": crm_data["ana_vin4"]})
+    assert verified["verified"] is True
+    assert await _verification_row(pool, crm_data["ana"]) == (2, 0, False, True)
+    # From her own number the ZIP completes verification (caller ID + ZIP).
+    own = make_ctx(pool, redis_client, ANA_PHONE)
+    done = await run_tool(own, "lookup_customer", {"phone": ANA_PHONE, "zip_code": "60614"})
+    assert done["verified"] is True and own.session.verified
+
+
+async def test_lookup_zip_tells_namesakes_apart(pool, redis_client, crm_data) -> None:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "INSERT INTO customers (first_name, last_name, phone, zip_code, date_of_birth) "
+            "VALUES ('Ana', 'Lopez', '+15555550177', '60201', '1990-02-02') RETURNING id"
+        )
+        other = (await cur.fetchone())[0]
+    ctx = make_ctx(pool, redis_client, "+15555559999")
+    both = await run_tool(ctx, "lookup_customer", {"first_name": "Ana", "last_name": "Lopez"})
+    assert both["unique"] is False
+    one = await run_tool(
+        ctx, "lookup_customer", {"first_name": "Ana", "last_name": "Lopez", "zip_code": "60201"}
+    )
+    assert one["found"] is True and ctx.session.customer_id == other
+    # Each namesake's ZIP was compared once; neither failed (one of them matched).
+    assert (await _verification_row(pool, other))[:3] == (1, 0, False)
+    assert (await _verification_row(pool, crm_data["ana"]))[:3] == (1, 0, False)
+
+
+async def test_unparseable_factor_is_asked_again_without_using_an_attempt(
+    pool, redis_client, crm_data
+) -> None:
+    from tools.customers import identify_caller
+
+    ctx = make_ctx(pool, redis_client, ANA_PHONE)
+    await identify_caller(ctx)
+    for args in (
+        {"date_of_birth": "sometime in spring"},
+        {"zip_code": "606"},
+        {"vin_last4": "7"},
+    ):
+        result = await run_tool(ctx, "verify_customer", args)
+        assert result["error"] == "bad_arguments" and result["say"].endswith("?"), result
+    assert await _verification_row(pool, crm_data["ana"]) == (0, 0, False, False)
+    assert (await run_tool(ctx, "verify_customer", {"zip_code": "60614-1234"}))["verified"]
 
 
 # -- availability and booking -----------------------------------------------------------

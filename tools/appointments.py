@@ -133,16 +133,16 @@ async def check_availability(
     service = _service(ctx, service_type)
     today = _now(ctx).astimezone(ctx.profile.time_zone).date()
     first = max(_parse_day(date_from, today, "start"), today)
-    last = _parse_day(date_to, first + timedelta(days=6), "end")
-    if last < first:
-        last = first + timedelta(days=6)
-    last = min(last, first + timedelta(days=MAX_RANGE_DAYS - 1))
     horizon = today + timedelta(days=ctx.profile.max_booking_days_ahead)
-    if first > horizon:
+    if first > horizon:  # before any date arithmetic: 9999-12-31 + 6 days overflows
         raise ToolRefusal(
             f"We only book up to {ctx.profile.max_booking_days_ahead} days ahead.",
             code="too_far_ahead",
         )
+    last = _parse_day(date_to, first + timedelta(days=6), "end")
+    if last < first:
+        last = first + timedelta(days=6)
+    last = min(last, first + timedelta(days=MAX_RANGE_DAYS - 1))
     if part_of_day and part_of_day not in ("morning", "afternoon", "evening"):
         part_of_day = None
     slots = await _find_slots(

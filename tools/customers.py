@@ -2,15 +2,23 @@
 
 Before verification a tool reveals at most the caller's first name and whether a record
 exists. Verified means caller ID matched the customer's phone plus one factor (date of
-birth, ZIP code or last 4 of a VIN), or two factors when caller ID did not match. Three
-failed attempts lock verification for that customer for 15 minutes, counted atomically
-in Redis across concurrent calls and mirrored onto the customer row.
+birth, ZIP code or last 4 of a VIN), or two factors when caller ID did not match.
+
+Guessing is bounded in Postgres, the single source of truth: every comparison (one
+``verify_customer`` call that checks the given factors, right or wrong) first claims one of
+3 attempts per customer per sliding 15 minutes with one atomic UPDATE of the customer row,
+committed before the comparison runs. So parallel calls together get at most 3
+comparisons per 15 minutes, a success never frees a slot or wipes another call's failures,
+and 3 failures in a row also set ``verification_locked_until`` for 15 minutes (the row
+shows the failures and the lock). Redis holds no verification state: one store, read and
+written in one statement, cannot disagree with itself.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from loguru import logger
@@ -19,25 +27,18 @@ from core.pii import mask_phone
 from crm import customers as crm_customers
 from tools.registry import ToolContext, ToolRefusal, tool
 
+#: Comparisons allowed per customer per :data:`ATTEMPT_WINDOW` (the CHECK constraint
+#: ``customers_verification_attempts_max`` holds the same bound).
+MAX_ATTEMPTS = 3
+#: Failures in a run that lock verification for :data:`ATTEMPT_WINDOW`.
 MAX_FAILED_ATTEMPTS = 3
+ATTEMPT_WINDOW = timedelta(minutes=15)
 #: Verified = caller ID plus one factor, or two factors (caller ID counts as one).
 FACTORS_NEEDED = 2
-LOCK_SECONDS = 15 * 60
 LOCKED_SAY = (
     "I'm sorry, I can't verify your identity on this call right now. "
     "Let me transfer you to a service advisor who can help."
 )
-
-# KEYS: fail counter, lock flag. ARGV: lock ms, max attempts. Returns the new count.
-_FAIL_SCRIPT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-if n >= tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
-  redis.call('DEL', KEYS[1])
-end
-return n
-"""
 
 _DATE_FORMATS = (
     "%Y-%m-%d",
@@ -81,27 +82,6 @@ def parse_spoken_date(raw: str) -> date | None:
     return None
 
 
-def _keys(ctx: ToolContext, customer_id: int) -> tuple[str, str]:
-    return (
-        f"{ctx.key_prefix}:verify:fail:{customer_id}",
-        f"{ctx.key_prefix}:verify:lock:{customer_id}",
-    )
-
-
-async def is_locked(ctx: ToolContext, customer_id: int) -> bool:
-    """Whether verification is locked for the customer (Redis, or the CRM row)."""
-    _, lock_key = _keys(ctx, customer_id)
-    if await ctx.redis.exists(lock_key):
-        return True
-    async with ctx.db.connection() as conn:
-        identity = await crm_customers.get_identity(conn, customer_id)
-    return bool(
-        identity
-        and identity.verification_locked_until
-        and identity.verification_locked_until > datetime.now(UTC)
-    )
-
-
 async def identify_caller(ctx: ToolContext) -> bool:
     """Match the carrier-reported caller ID to a customer at call start.
 
@@ -131,8 +111,9 @@ async def identify_caller(ctx: ToolContext) -> bool:
     description=(
         "Find the caller's customer record when caller ID did not identify them. Pass the "
         "phone number on their account, or their first and last name, and their ZIP code "
-        "if they gave it. Returns only whether a record exists and the first name; the "
-        "caller must then be verified with verify_customer."
+        "if they gave it (it then counts as one verification detail). Returns only whether "
+        "a record exists and the first name; the caller must then be verified with "
+        "verify_customer."
     ),
     properties={
         "phone": {"type": "string", "description": "Phone number on the account, digits."},
@@ -140,6 +121,7 @@ async def identify_caller(ctx: ToolContext) -> bool:
         "last_name": {"type": "string", "description": "Caller's last name."},
         "zip_code": {"type": "string", "description": "ZIP code of the account address."},
     },
+    mutating=True,  # a ZIP code is compared like a verification factor: attempts are written
 )
 async def lookup_customer(
     ctx: ToolContext,
@@ -149,7 +131,12 @@ async def lookup_customer(
     last_name: str | None = None,
     zip_code: str | None = None,
 ) -> dict[str, Any]:
-    """Find the caller's record; reveals at most the first name."""
+    """Find the caller's record; reveals at most the first name.
+
+    A ZIP code is a verification factor, so it never filters the search: it is compared
+    with each record the phone or name found, and each such comparison claims one of that
+    customer's verification attempts first (an unbounded lookup would be a ZIP oracle).
+    """
     normalized = normalize_phone(phone) if phone else None
     if phone and not normalized:
         raise ToolRefusal("That phone number doesn't look complete. Could you repeat it?")
@@ -158,10 +145,13 @@ async def lookup_customer(
             "I need the phone number on your account, or your first and last name.",
             code="missing_argument",
         )
+    zip5 = _parse_factors(date_of_birth=None, zip_code=zip_code, vin_last4=None).zip_code
     async with ctx.db.connection() as conn:
         matches = await crm_customers.search_customers(
-            conn, phone=normalized, first_name=first_name, last_name=last_name, zip_code=zip_code
+            conn, phone=normalized, first_name=first_name, last_name=last_name
         )
+    if matches and zip5 is not None:
+        matches = await _compare_zip(ctx, matches, zip5)
     if not matches:
         return {
             "ok": True,
@@ -177,18 +167,53 @@ async def lookup_customer(
             "and ZIP code?",
         }
     match = matches[0]
-    ctx.session.match_customer(
+    session = ctx.session
+    session.match_customer(
         customer_id=match.id,
         first_name=match.first_name,
-        caller_id=bool(ctx.session.caller_phone) and match.phone == ctx.session.caller_phone,
+        caller_id=bool(session.caller_phone) and match.phone == session.caller_phone,
     )
+    if zip5 is not None:  # compared (and claimed) above: it counts as a passed factor
+        session.factors.add("zip_code")
+        if len(session.factors) >= FACTORS_NEEDED:
+            session.verified = True
+            async with ctx.db.connection() as conn:
+                await crm_customers.record_verification_success(conn, match.id)
+            return {"ok": True, "found": True, "first_name": match.first_name, "verified": True}
     return {
         "ok": True,
         "found": True,
         "first_name": match.first_name,
         "needs": "verification",
-        "factors_needed": 1 if ctx.session.caller_id_matched else 2,
+        "factors_needed": FACTORS_NEEDED - len(session.factors),
     }
+
+
+async def _compare_zip(
+    ctx: ToolContext, candidates: list[crm_customers.CustomerIdentity], zip5: str
+) -> list[crm_customers.CustomerIdentity]:
+    """The candidates whose ZIP code is ``zip5``, each comparison claimed first.
+
+    A candidate out of attempts (or locked) is not compared. When none of the compared
+    ones matches, the ZIP was a wrong guess for each of them and counts as a failure.
+    """
+    compared = []
+    for candidate in candidates:
+        async with ctx.db.connection() as conn:
+            if await crm_customers.claim_verification_attempt(
+                conn, candidate.id, max_attempts=MAX_ATTEMPTS, window=ATTEMPT_WINDOW
+            ):
+                compared.append(candidate)
+    if not compared:
+        raise ToolRefusal(LOCKED_SAY, code="locked", transfer=True)
+    matched = [c for c in compared if c.zip_code and c.zip_code[:5] == zip5]
+    if not matched:
+        for candidate in compared:
+            async with ctx.db.connection() as conn:
+                await crm_customers.record_verification_failure(
+                    conn, candidate.id, max_failures=MAX_FAILED_ATTEMPTS, window=ATTEMPT_WINDOW
+                )
+    return matched
 
 
 @tool(
@@ -203,6 +228,7 @@ async def lookup_customer(
         "zip_code": {"type": "string", "description": "5-digit ZIP code of the account."},
         "vin_last4": {"type": "string", "description": "Last 4 characters of a VIN."},
     },
+    mutating=True,  # records attempts: a barge-in must not cut the failure count short
 )
 async def verify_customer(
     ctx: ToolContext,
@@ -221,56 +247,41 @@ async def verify_customer(
     if session.verified:
         return {"ok": True, "verified": True, "first_name": session.customer_first_name}
     customer_id = session.customer_id
-    if await is_locked(ctx, customer_id):
-        raise ToolRefusal(LOCKED_SAY, code="locked", transfer=True)
     if not (date_of_birth or zip_code or vin_last4):
         raise ToolRefusal(
             "Could you tell me your date of birth, ZIP code, or the last four of your VIN?",
             code="missing_argument",
         )
-    refusal: ToolRefusal | None = None
+    given = _parse_factors(date_of_birth=date_of_birth, zip_code=zip_code, vin_last4=vin_last4)
+    # The claim is committed (its own connection block) before anything is compared, so
+    # a crash or a cancelled call after the comparison still counts the attempt.
+    async with ctx.db.connection() as conn:
+        claimed = await crm_customers.claim_verification_attempt(
+            conn, customer_id, max_attempts=MAX_ATTEMPTS, window=ATTEMPT_WINDOW
+        )
+    if not claimed:
+        raise ToolRefusal(LOCKED_SAY, code="locked", transfer=True)
     async with ctx.db.connection() as conn:
         identity = await crm_customers.get_identity(conn, customer_id)
         if identity is None:
             raise ToolRefusal("I couldn't find that account anymore.", code="no_customer")
-        passed, failed = await _check_factors(
-            conn,
-            identity,
-            date_of_birth=date_of_birth,
-            zip_code=zip_code,
-            vin_last4=vin_last4,
+        passed, failed = await _check_factors(conn, identity, given)
+    if failed:
+        async with ctx.db.connection() as conn:
+            row = await crm_customers.record_verification_failure(
+                conn, customer_id, max_failures=MAX_FAILED_ATTEMPTS, window=ATTEMPT_WINDOW
+            )
+        if row is not None and row.failed_attempts >= MAX_FAILED_ATTEMPTS:
+            logger.info(f"verification locked for customer {customer_id}")
+            raise ToolRefusal(LOCKED_SAY, code="locked", transfer=True)
+        raise ToolRefusal(
+            "That doesn't match what I have on file. Could you try again?", code="mismatch"
         )
-        if failed:
-            count = await _record_failure(ctx, customer_id)
-            locked_until = (
-                datetime.now(UTC) + timedelta(seconds=LOCK_SECONDS)
-                if count >= MAX_FAILED_ATTEMPTS
-                else None
-            )
-            await crm_customers.record_verification(
-                conn, customer_id, success=False, locked_until=locked_until
-            )
-            if locked_until:
-                logger.info(f"verification locked for customer {customer_id}")
-                refusal = ToolRefusal(LOCKED_SAY, code="locked", transfer=True)
-            else:
-                refusal = ToolRefusal(
-                    "That doesn't match what I have on file. Could you try again?",
-                    code="mismatch",
-                )
-        else:
-            session.factors.update(passed)  # type: ignore[arg-type]
-            if len(session.factors) >= FACTORS_NEEDED:
-                session.verified = True
-                await crm_customers.record_verification(
-                    conn, customer_id, success=True, locked_until=None
-                )
-    # Raised only after the block, so the attempt above is committed, not rolled back.
-    if refusal is not None:
-        raise refusal
-    if session.verified:
-        fail_key, _ = _keys(ctx, customer_id)
-        await ctx.redis.delete(fail_key)
+    session.factors.update(passed)  # type: ignore[arg-type]
+    if len(session.factors) >= FACTORS_NEEDED:
+        session.verified = True
+        async with ctx.db.connection() as conn:
+            await crm_customers.record_verification_success(conn, customer_id)
         return {"ok": True, "verified": True, "first_name": session.customer_first_name}
     return {
         "ok": True,
@@ -280,45 +291,74 @@ async def verify_customer(
     }
 
 
+@dataclass(frozen=True)
+class _Factors:
+    """Factors as given by the caller, normalised for comparison."""
+
+    date_of_birth: date | None
+    zip_code: str | None
+    vin_last4: str | None
+
+
+def _parse_factors(
+    *, date_of_birth: str | None, zip_code: str | None, vin_last4: str | None
+) -> _Factors:
+    """Normalise the given factors; one that cannot be a value is asked for again.
+
+    Nothing is compared here and no attempt is used: a date that is not a date says
+    nothing about the record.
+    """
+    dob = None
+    if date_of_birth:
+        dob = parse_spoken_date(date_of_birth)
+        if dob is None:
+            raise ToolRefusal(
+                "I didn't catch that date of birth. Could you say the month, day and year?",
+                code="bad_arguments",
+            )
+    zip5 = None
+    if zip_code:
+        digits = re.sub(r"\D", "", zip_code)
+        if len(digits) not in (5, 9):
+            raise ToolRefusal(
+                "I didn't catch that ZIP code. Could you say the five digits again?",
+                code="bad_arguments",
+            )
+        zip5 = digits[:5]
+    last4 = None
+    if vin_last4:
+        chars = re.sub(r"[^A-Za-z0-9]", "", vin_last4).upper()
+        if len(chars) < 4 or len(chars) > 17:
+            raise ToolRefusal(
+                "I didn't catch the last four characters of the VIN. Could you repeat them?",
+                code="bad_arguments",
+            )
+        last4 = chars[-4:]
+    return _Factors(date_of_birth=dob, zip_code=zip5, vin_last4=last4)
+
+
 async def _check_factors(
-    conn,
-    identity: crm_customers.CustomerIdentity,
-    *,
-    date_of_birth: str | None,
-    zip_code: str | None,
-    vin_last4: str | None,
+    conn, identity: crm_customers.CustomerIdentity, given: _Factors
 ) -> tuple[set[str], bool]:
     """Which given factors match the record, and whether any given factor failed."""
     passed: set[str] = set()
     failed = False
-    if date_of_birth:
-        parsed = parse_spoken_date(date_of_birth)
-        if parsed is not None and parsed == identity.date_of_birth:
+    if given.date_of_birth is not None:
+        if given.date_of_birth == identity.date_of_birth:
             passed.add("date_of_birth")
         else:
             failed = True
-    if zip_code:
-        given = re.sub(r"\D", "", zip_code)[:5]
-        if identity.zip_code and given == identity.zip_code[:5]:
+    if given.zip_code is not None:
+        if identity.zip_code and given.zip_code == identity.zip_code[:5]:
             passed.add("zip_code")
         else:
             failed = True
-    if vin_last4:
-        last4 = re.sub(r"[^A-Za-z0-9]", "", vin_last4)[-4:].upper()
-        if len(last4) == 4 and await crm_customers.vin_last4_matches(conn, identity.id, last4):
+    if given.vin_last4 is not None:
+        if await crm_customers.vin_last4_matches(conn, identity.id, given.vin_last4):
             passed.add("vin_last4")
         else:
             failed = True
     return passed, failed
-
-
-async def _record_failure(ctx: ToolContext, customer_id: int) -> int:
-    fail_key, lock_key = _keys(ctx, customer_id)
-    return int(
-        await ctx.redis.eval(
-            _FAIL_SCRIPT, 2, fail_key, lock_key, LOCK_SECONDS * 1000, MAX_FAILED_ATTEMPTS
-        )
-    )
 
 
 def require_verified(ctx: ToolContext) -> int:

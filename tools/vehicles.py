@@ -1,4 +1,8 @@
-"""Vehicle tools: what the verified caller owns, its history, what is due, recalls."""
+"""Vehicle tools: what the verified caller owns, its history, what is due, recalls.
+
+Results never carry a VIN or any part of it: the last four characters are a verification
+factor, and what the model sees it can read out to whoever is on the line.
+"""
 
 from __future__ import annotations
 
@@ -68,7 +72,6 @@ async def get_vehicle_history(ctx: ToolContext, *, vehicle_id: int | None = None
             {
                 "vehicle_id": v.id,
                 "name": describe_vehicle(v),
-                "vin_ending": v.vin[-4:],
                 "mileage": v.current_mileage,
                 "last_service": (
                     {"date": v.last_service_date.isoformat(), "mileage": v.last_service_mileage}
