@@ -144,6 +144,9 @@ class DealershipProfile:
     schedule: dict[str, tuple[str, ...]] = field(default_factory=dict)
     keyterms: tuple[str, ...] = ()
     campaigns: CampaignSettings = field(default_factory=CampaignSettings)
+    # --- texting (SMS): see the "Texting" block below ---
+    address: str = ""
+    texting: TextingSettings = field(default_factory=lambda: TextingSettings())
 
     def speech_keyterms(self) -> list[str]:
         """Words the speech recognizer should favour: name, makes, models, services."""
@@ -400,7 +403,82 @@ def parse_profile(data: dict) -> DealershipProfile:
         schedule=schedule,
         keyterms=tuple(str(t) for t in data.get("keyterms", [])),
         campaigns=_parse_campaigns(data),
+        **_parse_texting(data),
     )
+
+
+# --- Texting (SMS) ---------------------------------------------------------------------
+# ``address`` (top level) and the ``[texting]`` table: confirmation texts, reminders,
+# quiet hours and the sender's throughput. Used by messaging/ and campaigns/reminders.py.
+
+
+@dataclass(frozen=True)
+class TextingSettings:
+    """Text message settings (``[texting]``).
+
+    Attributes:
+        enabled: Whether the server and the worker send texts at all.
+        reminder_hours: Reminders before each live appointment, hours ahead, largest first.
+        send_window: Customer-local time in which reminders are sent (never outside
+            08:00-21:00); a reminder due at night waits for the window to open.
+        reminder_cutoff_minutes: The last reminder is not sent closer to the visit than this.
+        messages_per_second: Most texts per second from the dealership's number (a US long
+            code sends 1 segment per second).
+        retry_after_minutes: Wait before the one retry of a transiently failed text.
+    """
+
+    enabled: bool = True
+    reminder_hours: tuple[int, ...] = (24, 2)
+    send_window: TimeRange = TimeRange(time(8, 0), time(21, 0))
+    reminder_cutoff_minutes: int = 30
+    messages_per_second: float = 1.0
+    retry_after_minutes: int = 10
+
+
+def _parse_texting(data: dict) -> dict[str, Any]:
+    """``address`` and ``texting`` of :class:`DealershipProfile` from the TOML document."""
+    address = data.get("address", "")
+    if not isinstance(address, str) or len(address) > 200:
+        raise ProfileError("address: expected the street address as text (at most 200 chars)")
+    section = data.get("texting", {})
+    if not isinstance(section, dict):
+        raise ProfileError("texting: expected a table")
+    where = "texting."
+    enabled = section.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ProfileError(f"{where}enabled: expected true or false, got {enabled!r}")
+    hours = section.get("reminder_hours", [24, 2])
+    if (
+        not isinstance(hours, list)
+        or not all(isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 336 for h in hours)
+        or len(set(hours)) != len(hours)
+    ):
+        raise ProfileError(
+            f"{where}reminder_hours: expected distinct whole hours from 1 to 336, got {hours!r}"
+        )
+    window = _parse_range(section.get("send_window", "08:00-21:00"), f"{where}send_window")
+    legal_start, legal_end = LEGAL_CALL_WINDOW
+    if window.start < legal_start or window.end > legal_end:
+        raise ProfileError(f"{where}send_window: must stay within 08:00-21:00")
+    cutoff = _number(section, "reminder_cutoff_minutes", int, 30, 0, 600, where)
+    if hours and min(hours) * 60 <= cutoff:
+        raise ProfileError(f"{where}reminder_cutoff_minutes: must be less than the last reminder")
+    return {
+        "address": address.strip(),
+        "texting": TextingSettings(
+            enabled=enabled,
+            reminder_hours=tuple(sorted(hours, reverse=True)),
+            send_window=window,
+            reminder_cutoff_minutes=cutoff,
+            messages_per_second=_number(
+                section, "messages_per_second", float, 1.0, 0.01, 100, where
+            ),
+            retry_after_minutes=_number(section, "retry_after_minutes", int, 10, 1, 24 * 60, where),
+        ),
+    }
+
+
+# --- end of the texting block ------------------------------------------------------------
 
 
 def load_profile(path: Path | str) -> DealershipProfile:

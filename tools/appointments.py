@@ -19,6 +19,7 @@ from crm import vehicles as crm_vehicles
 from scheduling.availability import Slot, candidate_slots, pick_spread, speakable
 from tools.customers import require_verified
 from tools.registry import ToolContext, ToolRefusal, tool
+from tools.texting import queue_change_text
 from tools.vehicles import describe_vehicle
 
 TRANSPORTATION = ("waiter", "drop_off", "loaner", "shuttle")
@@ -276,6 +277,7 @@ async def book_appointment(
                 loaner_cars=ctx.profile.loaner_cars,
                 calendar_sync_state=getattr(ctx.calendar, "initial_sync_state", "not_required"),
             )
+            text = await queue_change_text(ctx, conn, appointment_id=row.id, kind="booked")
     except crm_appointments.SlotTaken:
         return {
             "ok": False,
@@ -301,6 +303,7 @@ async def book_appointment(
         "vehicle": describe_vehicle(vehicle),
         "service": service.spoken_name,
         "transportation": row.transportation,
+        **text,
     }
 
 
@@ -399,6 +402,7 @@ async def reschedule_appointment(
                 calendar_sync_state=getattr(ctx.calendar, "initial_sync_state", "not_required"),
             )
             vehicles = await crm_vehicles.list_vehicles(conn, customer_id)
+            text = await queue_change_text(ctx, conn, appointment_id=row.id, kind="rescheduled")
     except crm_appointments.SlotTaken:
         return {
             "ok": False,
@@ -420,6 +424,7 @@ async def reschedule_appointment(
         "confirmation_code_spoken": spell_code(row.confirmation_code),
         "when": speakable(row.starts_at, ctx.profile.time_zone),
         "vehicle": vehicle,
+        **text,
     }
 
 
@@ -443,7 +448,8 @@ async def cancel_appointment(
         row = await crm_appointments.cancel_appointment(
             conn, appointment_id=old.id, customer_id=customer_id, reason=reason
         )
-    assert row is not None
+        assert row is not None
+        text = await queue_change_text(ctx, conn, appointment_id=row.id, kind="cancelled")
     if row.id not in ctx.session.appointment_ids:
         ctx.session.appointment_ids.append(row.id)
     ctx.session.outcome = "cancelled"
@@ -452,4 +458,5 @@ async def cancel_appointment(
         "ok": True,
         "cancelled": True,
         "when": speakable(row.starts_at, ctx.profile.time_zone),
+        **text,
     }
