@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -29,6 +30,8 @@ from messaging.sender import Sender, record_delivery_status
 from telephony import sms as tw_sms
 from telephony import twilio as tw
 
+_SID = re.compile(r"^[A-Za-z0-9]{2,64}$")
+_STATUS = re.compile(r"^[a-z_-]{1,32}$")
 router = APIRouter()
 admin_router = APIRouter()
 #: Form fields longer than this are cut before use (Twilio's own limit is 1600).
@@ -101,9 +104,9 @@ async def sms_status(request: Request) -> Response:
     form = await _signed_form(request)
     if form is None:
         return PlainTextResponse("invalid signature", status_code=403)
-    sid = form.get("MessageSid", form.get("SmsSid", ""))[:64]
-    status = form.get("MessageStatus", form.get("SmsStatus", ""))[:32]
-    if sid and status:
+    sid = form.get("MessageSid", form.get("SmsSid", ""))
+    status = form.get("MessageStatus", form.get("SmsStatus", ""))
+    if _SID.match(sid) and _STATUS.match(status):
         resources = _resources(request)
         result = await record_delivery_status(
             resources.db,
