@@ -18,9 +18,11 @@ import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import psycopg
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from loguru import logger
+from psycopg_pool import PoolTimeout
 
 from core.pii import mask_phone
 from core.resources import AppResources
@@ -77,14 +79,18 @@ async def inbound_sms(request: Request) -> Response:
     if form is None:
         return PlainTextResponse("invalid signature", status_code=403)
     resources = _resources(request)
-    result = await handle_inbound(
-        resources.db,
-        profile=resources.profile,
-        message_sid=form.get("MessageSid", form.get("SmsSid", ""))[:MAX_FIELD_CHARS],
-        from_number=form.get("From", "")[:MAX_FIELD_CHARS],
-        body=form.get("Body", "")[:MAX_FIELD_CHARS],
-        now=datetime.now(UTC),
-    )
+    try:
+        result = await handle_inbound(
+            resources.db,
+            profile=resources.profile,
+            message_sid=form.get("MessageSid", form.get("SmsSid", ""))[:MAX_FIELD_CHARS],
+            from_number=form.get("From", "")[:MAX_FIELD_CHARS],
+            body=form.get("Body", "")[:MAX_FIELD_CHARS],
+            now=datetime.now(UTC),
+        )
+    except (psycopg.Error, PoolTimeout, OSError) as exc:
+        logger.error(f"inbound text not handled: {type(exc).__name__}")
+        return PlainTextResponse("temporarily unavailable", status_code=503)
     if result.action == "ignored":
         logger.info(f"inbound text from {mask_phone(form.get('From', '')[:32])} ignored")
     sender = _sender(request)
@@ -108,13 +114,17 @@ async def sms_status(request: Request) -> Response:
     status = form.get("MessageStatus", form.get("SmsStatus", ""))
     if _SID.match(sid) and _STATUS.match(status):
         resources = _resources(request)
-        result = await record_delivery_status(
-            resources.db,
-            profile=resources.profile,
-            sid=sid,
-            status=status,
-            error_code=_error_code(form.get("ErrorCode")),
-        )
+        try:
+            result = await record_delivery_status(
+                resources.db,
+                profile=resources.profile,
+                sid=sid,
+                status=status,
+                error_code=_error_code(form.get("ErrorCode")),
+            )
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            logger.error(f"text status not recorded: {type(exc).__name__}")
+            return PlainTextResponse("temporarily unavailable", status_code=503)
         sender = _sender(request)
         if result is not None and sender is not None:
             sender.wake()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from loguru import logger
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from core.pii import mask_phone
@@ -143,7 +144,7 @@ async def handle_inbound(
 
 
 async def _act(
-    conn,
+    conn: AsyncConnection,
     *,
     intent: str,
     target: crm.ReplyTarget | None,

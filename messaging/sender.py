@@ -142,6 +142,7 @@ class Sender:
         self.poll_seconds = poll_seconds
         self._wake = asyncio.Event()
         self._stopping = False
+        #: Counts since start (no MessageSids: a long-running process keeps no list).
         self.total = SendStats()
 
     def now(self) -> datetime:
@@ -211,7 +212,6 @@ class Sender:
             await self._send(claimed, stats)
         self.total.sent += stats.sent
         self.total.failed += stats.failed
-        self.total.sids.extend(stats.sids)
         for key, count in stats.skipped.items():
             self.total.skipped[key] = self.total.skipped.get(key, 0) + count
         return stats

@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
+from campaigns.dialer import Dialer, run_due_retries
 from campaigns.reminders import queue_reminders
 from campaigns.worker import run_worker
 from core.profile import ProfileError, TimeRange, load_profile, parse_profile
@@ -811,6 +812,16 @@ async def test_r_queues_a_bot_callback_or_an_advisor(pool, conn) -> None:
     )
     assert await cur.fetchall() == [("confirmation", cid, aid, "retry_pending", open_now)]
     assert "call you shortly" in (await reply_bodies(conn, phone))[0]
+    # The worker's retry pass places the call, in the confirmation scenario.
+    calls: list[dict] = []
+
+    async def dial(settings, *, to, scenario, customer_id, campaign_attempt_id=None) -> str:
+        calls.append({"to": to, "scenario": scenario, "customer_id": customer_id})
+        return "CA" + "7" * 32
+
+    dialer = Dialer(pool, profile=PROFILE, settings=None, dial=dial, now=open_now, hold_calls=False)
+    assert (await run_due_retries(dialer)).dialed == 1
+    assert calls == [{"to": phone, "scenario": "confirmation", "customer_id": cid}]
     # Late at night nobody may be called now: an advisor calls back.
     cid2, vid2, phone2 = await add_customer(conn)
     aid2 = await add_appointment(conn, cid2, vid2, starts_at=NOW + timedelta(days=2))
@@ -822,6 +833,22 @@ async def test_r_queues_a_bot_callback_or_an_advisor(pool, conn) -> None:
         (cid2, phone2, f"text reply R: reschedule appointment {aid2}", "open")
     ]
     assert "service advisor will call you" in (await reply_bodies(conn, phone2))[0]
+
+
+@pytest.mark.parametrize("word", sorted(keywords.OPT_OUT))
+async def test_each_carrier_opt_out_keyword_opts_out_and_start_words_opt_back_in(
+    pool, conn, word: str
+) -> None:
+    _, _, phone = await add_customer(conn)
+    assert (await inbound(pool, phone, f" {word.upper()} ")).action == "opted_out"
+    async with pool.connection() as c:
+        assert await crm_messages.is_opted_out(c, phone)
+    for again in sorted(keywords.OPT_IN):
+        assert (await inbound(pool, phone, again.title())).action == "opted_in"
+        async with pool.connection() as c:
+            assert not await crm_messages.is_opted_out(c, phone)
+            await crm_messages.opt_out(c, phone=phone, keyword=word)
+    assert await reply_bodies(conn, phone) == []  # Twilio confirms these, we stay silent
 
 
 async def test_help_other_and_unknown_numbers(pool, conn) -> None:

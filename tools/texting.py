@@ -13,6 +13,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from psycopg import AsyncConnection
+
 from crm import messages as crm_messages
 from tools.customers import require_verified
 from tools.registry import ToolContext, ToolRefusal, tool
@@ -31,7 +33,7 @@ def _now(ctx: ToolContext) -> datetime:
 
 
 async def queue_change_text(
-    ctx: ToolContext, conn: Any, *, appointment_id: int, kind: ChangeKind
+    ctx: ToolContext, conn: AsyncConnection, *, appointment_id: int, kind: ChangeKind
 ) -> dict[str, str]:
     """Queue the text about a change made on this call; say whether to ask for consent.
 
