@@ -172,8 +172,10 @@ class Sender:
                     logger.opt(exception=exc).error(f"text sender pass: {type(exc).__name__}")
                 if self._stopping:
                     break
+                # asyncio.timeout, not wait_for: no helper task per wait.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+                    async with asyncio.timeout(self.poll_seconds):
+                        await self._wake.wait()
         finally:
             if listener is not None:
                 listener.cancel()
