@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from core.logs import LogFormat, setup_logging  # first: silences Pipecat's import banner
 
 # isort: split
+from api import sms as sms_routes
 from api import telephony as call_routes
 from bot.turn_models import load_turn_models
 from core.metrics import render_metrics
@@ -134,6 +135,7 @@ def create_app(
                 open_resources(settings)
             )
             await _on_started(settings, app.state.resources)
+            await stack.enter_async_context(sms_routes.sender_running(app, app.state.resources))
             if settings.google_calendar_enabled:
                 await stack.enter_async_context(
                     _background(_calendar_catch_up(app.state.resources))
@@ -145,6 +147,8 @@ def create_app(
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
     app.state.active_calls = {}
     app.include_router(call_routes.router)
+    app.include_router(sms_routes.router)
+    app.include_router(sms_routes.admin_router, dependencies=[Depends(require_admin)])
     webrtc = None
     if settings.webrtc_dev:
         from api.webrtc import mount_client

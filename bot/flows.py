@@ -37,6 +37,12 @@ SERVICE_TOOLS = (
 )
 OUTBOUND_TOOLS = (*SERVICE_TOOLS, "confirm_appointment", "opt_out")
 GLOBAL_TOOLS = ("transfer_to_advisor", "end_call")
+#: The consent question for text confirmations (asked once, when a result says so).
+TEXT_CONSENT_LINE = (
+    'If that result has "text": "ask_consent", ask once: "Can I text you the '
+    'confirmation?" and call record_text_consent with their answer; if it has '
+    '"text": "will_text", you may say a text confirmation is on its way.'
+)
 
 TransferFn = Callable[[], Awaitable[None]]
 
@@ -198,13 +204,17 @@ class CallFlow:
                     "role": "developer",
                     "content": f"Read back {what} from the last tool result: the day and time, "
                     "the vehicle, the transportation and the confirmation code spelled "
-                    "character by character (skip what does not apply). Then ask whether "
-                    "there is anything else. If not, say goodbye and call end_call.",
+                    "character by character (skip what does not apply). "
+                    f"{TEXT_CONSENT_LINE} Then ask whether there is anything else. If not, "
+                    "say goodbye and call end_call.",
                 }
             ],
             "functions": [
                 self.function(n)
-                for n in (SERVICE_TOOLS if self.scenario == "inbound" else OUTBOUND_TOOLS)
+                for n in (
+                    *(SERVICE_TOOLS if self.scenario == "inbound" else OUTBOUND_TOOLS),
+                    "record_text_consent",
+                )
             ],
         }
 

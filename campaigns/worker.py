@@ -26,9 +26,11 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from campaigns.dialer import Dialer, DialFn, DialStats, housekeeping, run_campaign, run_due_retries
+from campaigns.reminders import queue_reminders
 from core.profile import DealershipProfile
 from core.settings import Settings
 from crm import campaigns as crm
+from messaging.sender import Sender
 
 #: Advisory lock key of the dialing worker ("vamc").
 WORKER_LOCK_ID = 0x7661_6D63
@@ -42,6 +44,7 @@ class WorkerReport:
     runs: list[tuple[str, str, str]] = field(default_factory=list)
     dialed: int = 0
     retried: int = 0
+    reminders: int = 0
 
     def add(self, stats: DialStats, *, retry: bool) -> None:
         """Count a batch of dials."""
@@ -133,8 +136,9 @@ async def run_worker(
     poll_seconds: float = 15.0,
     clock: Callable[[], datetime] | None = None,
     hold_calls: bool = True,
+    sender: Sender | None = None,
 ) -> WorkerReport:
-    """Run scheduled campaigns and due retries until ``stop`` is set.
+    """Run scheduled campaigns, due retries and reminder texts until ``stop`` is set.
 
     Args:
         db: Connection pool.
@@ -146,6 +150,8 @@ async def run_worker(
         poll_seconds: Pause between passes, and between tries for the lock.
         clock: Returns the current instant (tests); real time by default.
         hold_calls: Keep a call's concurrency slot until the call ends.
+        sender: Text sender run alongside (reminders are queued by the lock holder and
+            sent by any sender; none: the web server's sender sends them).
 
     Returns:
         What the worker did.
@@ -192,6 +198,7 @@ async def run_worker(
         except Exception as exc:
             logger.opt(exception=exc).error("campaign retry pass failed")
 
+    sender_task = asyncio.create_task(sender.run(), name="sms-sender") if sender else None
     try:
         while not stop.is_set():
             if await lock.try_acquire():
@@ -210,6 +217,9 @@ async def run_worker(
                     )
                 except (psycopg.Error, OSError) as exc:
                     logger.warning(f"campaign worker pass failed: {type(exc).__name__}")
+                report.reminders += await _reminder_pass(
+                    db, profile=profile, now=dialer.now(), sender=sender
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=poll_seconds)
         logger.info(f"campaign worker stopping; waiting for {len(running)} task(s) in flight")
@@ -220,8 +230,26 @@ async def run_worker(
         for task in running.values():
             if not task.done():
                 task.cancel()
+        if sender is not None and sender_task is not None:
+            sender.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sender_task, timeout=20)
         await lock.close()
     return report
+
+
+async def _reminder_pass(
+    db: AsyncConnectionPool, *, profile: DealershipProfile, now: datetime, sender: Sender | None
+) -> int:
+    """Queue the reminder texts due now (lock holder only) and wake the sender."""
+    try:
+        queued = await queue_reminders(db, profile=profile, now=now)
+    except (psycopg.Error, OSError) as exc:
+        logger.warning(f"reminder pass failed: {type(exc).__name__}")
+        return 0
+    if queued and sender is not None:
+        sender.wake()
+    return queued
 
 
 async def _pass(
@@ -269,6 +297,7 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
     from core.profile import ProfileError
     from core.resources import StartupError, open_resources
     from core.settings import MissingSettingError
+    from telephony.sms import sms_configured
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -280,6 +309,15 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
                 "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL"
             )
         async with open_resources(settings, seed_demo=False) as resources:
+            sender = None
+            if resources.profile.texting.enabled and sms_configured(settings):
+                sender = Sender(
+                    resources.db,
+                    settings=settings,
+                    profile=resources.profile,
+                    redis=resources.redis,
+                    conninfo=resources.database_url,
+                )
             report = await run_worker(
                 resources.db,
                 conninfo=resources.database_url,
@@ -287,6 +325,7 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
                 settings=settings,
                 dial=dial,
                 stop=stop,
+                sender=sender,
             )
     except (MissingSettingError, StartupError, ProfileError) as exc:
         print(str(exc), file=sys.stderr)
@@ -296,7 +335,7 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
             loop.remove_signal_handler(sig)
     logger.info(
         f"campaign worker stopped: {len(report.runs)} run(s), {report.dialed} dialed, "
-        f"{report.retried} retried"
+        f"{report.retried} retried, {report.reminders} reminder text(s) queued"
     )
     return 0
 

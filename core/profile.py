@@ -25,6 +25,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -305,6 +306,29 @@ class CampaignSettings:
 
 
 @dataclass(frozen=True)
+class TextingSettings:
+    """Text message settings (``[texting]``).
+
+    Attributes:
+        enabled: Whether the server and the worker send texts at all.
+        reminder_hours: Reminders before each live appointment, hours ahead, largest first.
+        send_window: Customer-local time in which reminders are sent (never outside
+            08:00-21:00); a reminder due at night waits for the window to open.
+        reminder_cutoff_minutes: The last reminder is not sent closer to the visit than this.
+        messages_per_second: Most texts per second from the dealership's number (a US long
+            code sends 1 segment per second).
+        retry_after_minutes: Wait before the one retry of a transiently failed text.
+    """
+
+    enabled: bool = True
+    reminder_hours: tuple[int, ...] = (24, 2)
+    send_window: TimeRange = TimeRange(time(8, 0), time(21, 0))
+    reminder_cutoff_minutes: int = 30
+    messages_per_second: float = 1.0
+    retry_after_minutes: int = 10
+
+
+@dataclass(frozen=True)
 class DealershipProfile:
     """Validated dealership profile."""
 
@@ -327,6 +351,8 @@ class DealershipProfile:
     schedule: dict[str, tuple[str, ...]] = field(default_factory=dict)
     keyterms: tuple[str, ...] = ()
     campaigns: CampaignSettings = field(default_factory=CampaignSettings)
+    address: str = ""
+    texting: TextingSettings = field(default_factory=TextingSettings)
 
     def speech_keyterms(self) -> list[str]:
         """Words the speech recognizer should favour: name, makes, models, services."""
@@ -388,6 +414,33 @@ class _Campaigns(BaseModel):
     default_miles_per_day: Annotated[float, _between(float, 1, 1000)] = 35.0
 
 
+def _reminder_hours(value: object) -> tuple[int, ...]:
+    if (
+        not isinstance(value, list)
+        or not all(type(h) is int and 1 <= h <= 336 for h in value)
+        or len(set(value)) != len(value)
+    ):
+        raise ValueError(f"expected distinct whole hours from 1 to 336, got {value!r}")
+    return tuple(sorted(value, reverse=True))
+
+
+class _Texting(BaseModel):
+    """``[texting]``: confirmation texts, reminders, quiet hours, the sender's throughput."""
+
+    enabled: StrictBool = True
+    reminder_hours: Annotated[tuple[int, ...], PlainValidator(_reminder_hours)] = (24, 2)
+    send_window: CallWindow = TimeRange(time(8, 0), time(21, 0))
+    reminder_cutoff_minutes: Annotated[int, _between(int, 0, 600)] = 30
+    messages_per_second: Annotated[float, _between(float, 0.01, 100)] = 1.0
+    retry_after_minutes: Annotated[int, _between(int, 1, 24 * 60)] = 10
+
+    @model_validator(mode="after")
+    def _cutoff_before_last_reminder(self) -> _Texting:
+        if self.reminder_hours and min(self.reminder_hours) * 60 <= self.reminder_cutoff_minutes:
+            raise _ItemError(("reminder_cutoff_minutes",), "must be less than the last reminder")
+        return self
+
+
 class _ProfileFile(BaseModel):
     """The profile TOML document. Unknown keys are ignored."""
 
@@ -409,6 +462,8 @@ class _ProfileFile(BaseModel):
     outbound: _Outbound = _Outbound()
     schedule: _Schedule = _Schedule()
     campaigns: _Campaigns = _Campaigns()
+    address: Annotated[StrictStr, StringConstraints(strip_whitespace=True, max_length=200)] = ""
+    texting: _Texting = _Texting()
 
     @field_validator("hours")
     @classmethod
@@ -474,6 +529,10 @@ class _ProfileFile(BaseModel):
             campaigns=CampaignSettings(
                 slots={SCHEDULE_CAMPAIGNS[key]: slots for key, slots in schedule.items()},
                 **self.campaigns.model_dump(),
+            ),
+            address=self.address,
+            texting=TextingSettings(
+                **{name: getattr(self.texting, name) for name in _Texting.model_fields}
             ),
         )
 

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     twilio_phone_number: str | None = Field(default=None, alias="TWILIO_PHONE_NUMBER")
     twilio_api_base_url: str | None = Field(default=None, alias="TWILIO_API_BASE_URL")
     public_base_url: str | None = Field(default=None, alias="PUBLIC_BASE_URL")
+    # Texts go from this Messaging Service when set, else from TWILIO_PHONE_NUMBER.
+    twilio_messaging_service_sid: str | None = Field(
+        default=None, alias="TWILIO_MESSAGING_SERVICE_SID"
+    )
 
     # Google Calendar (optional; the Postgres calendar is used when unset)
     google_client_id: str | None = Field(default=None, alias="GOOGLE_CLIENT_ID")
@@ -112,6 +116,7 @@ class Settings(BaseSettings):
         "public_base_url",
         "twilio_account_sid",
         "twilio_phone_number",
+        "twilio_messaging_service_sid",
         "google_client_id",
         "google_calendar_id",
         "openai_api_key",

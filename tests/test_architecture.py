@@ -24,8 +24,9 @@ LAYERS: dict[str, set[str]] = {
     "tools": {"core", "crm", "scheduling"},
     "telephony": {"core"},
     "bot": {"core", "crm", "scheduling", "tools", "processors", "telephony"},
-    "campaigns": {"core", "crm", "telephony"},
-    "api": {"core", "crm", "tools", "processors", "telephony", "bot", "campaigns"},
+    "messaging": {"core", "crm", "telephony"},
+    "campaigns": {"core", "crm", "telephony", "messaging"},
+    "api": {"core", "crm", "tools", "processors", "telephony", "bot", "campaigns", "messaging"},
 }
 PACKAGES = set(LAYERS)
 #: Statements that only the data layer may run.

@@ -226,6 +226,7 @@ def targeted(
         | st.text(alphabet="ABCDEFGHJKLMNPRSTUVWXYZ0123456789 -", max_size=8),
         "reason": st.text(max_size=80),
         "notes": st.text(max_size=80),
+        "answer": st.booleans() | st.sampled_from(["yes", "no", "true", "false"]),
     }
     return by_name.get(name)
 
@@ -495,6 +496,7 @@ async def _every_tool_result(pool, redis_client, customer) -> list[dict]:
         await call("confirm_appointment", {"appointment_id": 1})
         await call("reschedule_appointment", {"appointment_id": 1, "slot_id": "slot-x"})
         await call("cancel_appointment", {"appointment_id": 1})
+    await call("record_text_consent", {"answer": True})
     await call("transfer_to_advisor", {"reason": "wants a person"})
     ctx.now = lambda: NIGHT
     await call("transfer_to_advisor", {"reason": "after hours"})

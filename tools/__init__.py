@@ -3,7 +3,7 @@
 Importing this package registers every tool in :data:`tools.registry.TOOLS`.
 """
 
-from tools import appointments, customers, handoff, outbound, vehicles
+from tools import appointments, customers, handoff, outbound, texting, vehicles
 from tools.registry import TOOLS, ToolContext, ToolRefusal, run_tool
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "handoff",
     "outbound",
     "run_tool",
+    "texting",
     "vehicles",
 ]

@@ -22,6 +22,7 @@ from crm import vehicles as crm_vehicles
 from scheduling.availability import Slot, candidate_slots, pick_spread, speakable
 from tools.customers import require_verified
 from tools.registry import ToolContext, ToolRefusal, tool
+from tools.texting import queue_change_text
 from tools.vehicles import describe_vehicle
 
 TRANSPORTATION = ("waiter", "drop_off", "loaner", "shuttle")
@@ -348,6 +349,7 @@ async def book_appointment(
                 calendar_sync_state=getattr(ctx.calendar, "initial_sync_state", "not_required"),
                 one_per_service_after=_now(ctx),
             )
+            text = await queue_change_text(ctx, conn, appointment_id=row.id, kind="booked")
     except crm_appointments.VehicleAlreadyBooked as exc:
         return _already_booked(ctx, exc, customer_id=customer_id, vehicle=describe_vehicle(vehicle))
     except crm_appointments.SlotTaken:
@@ -375,6 +377,7 @@ async def book_appointment(
         "vehicle": describe_vehicle(vehicle),
         "service": service.spoken_name,
         "transportation": row.transportation,
+        **text,
     }
 
 
@@ -479,6 +482,7 @@ async def reschedule_appointment(
                 loaner_cars=ctx.profile.loaner_cars,
                 calendar_sync_state=getattr(ctx.calendar, "initial_sync_state", "not_required"),
             )
+            text = await queue_change_text(ctx, conn, appointment_id=row.id, kind="rescheduled")
     except crm_appointments.VehicleAlreadyBooked as exc:
         return _already_booked(
             ctx,
@@ -508,6 +512,7 @@ async def reschedule_appointment(
         "confirmation_code_spoken": spell_code(row.confirmation_code),
         "when": speakable(row.starts_at, ctx.profile.time_zone),
         "vehicle": vehicle,
+        **text,
     }
 
 
@@ -531,7 +536,8 @@ async def cancel_appointment(
         row = await crm_appointments.cancel_appointment(
             conn, appointment_id=old.id, customer_id=customer_id, reason=reason
         )
-    assert row is not None
+        assert row is not None
+        text = await queue_change_text(ctx, conn, appointment_id=row.id, kind="cancelled")
     if row.id not in ctx.session.appointment_ids:
         ctx.session.appointment_ids.append(row.id)
     ctx.session.outcome = "cancelled"
@@ -540,4 +546,5 @@ async def cancel_appointment(
         "ok": True,
         "cancelled": True,
         "when": speakable(row.starts_at, ctx.profile.time_zone),
+        **text,
     }

@@ -43,6 +43,7 @@ class CallSession:
         transcript: Turns of the conversation, ``{"role": ..., "text": ...}``.
         late_results: Results of writes that finished after the caller interrupted them.
         pending_action: What the telephony layer must do after the bot's next sentence.
+        text_consent_asked: Whether the bot was told to ask "Can I text you?" on this call.
     """
 
     call_sid: str
@@ -66,6 +67,7 @@ class CallSession:
     transfer_reason: str | None = None
     end_reason: str | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    text_consent_asked: bool = False
 
     def remember_slot(self, slot: Slot) -> str:
         """Store an offered slot and return its opaque id for the model."""

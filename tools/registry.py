@@ -218,11 +218,16 @@ def _number(name: str, spec: dict[str, Any], value: Any) -> float:
     return value
 
 
+_TRUE_WORDS = frozenset({"true", "yes", "y"})
+_FALSE_WORDS = frozenset({"false", "no", "n"})
+
+
 def _boolean(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in _TRUE_WORDS or word in _FALSE_WORDS:
+        return word in _TRUE_WORDS
     raise _bad(name)
 
 

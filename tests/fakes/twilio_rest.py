@@ -1,15 +1,23 @@
-"""A local fake of the Twilio REST Calls API (2010-04-01) on 127.0.0.1.
+"""A local fake of the Twilio REST Calls and Messages APIs (2010-04-01) on 127.0.0.1.
 
 Point the twilio SDK at it with ``client.api.base_url = fake.base_url`` (what
 ``telephony.twilio.twilio_client`` does with ``TWILIO_API_BASE_URL``), and Pipecat's
 ``TwilioFrameSerializer`` with ``base_url=fake.base_url``.
+
+Messages: ``POST .../Messages.json`` takes the real request (``To``, ``From`` or
+``MessagingServiceSid``, ``Body``, ``StatusCallback``), validates it like Twilio (error
+codes 21211, 21602, 21603, 21604, 21610, 21617) and answers a Message resource;
+:meth:`FakeTwilioREST.report_status` then posts a signed status callback to the message's
+``StatusCallback`` the way Twilio does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,9 +25,12 @@ from email.utils import format_datetime
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
+import aiohttp
 from aiohttp import web
+from twilio.request_validator import RequestValidator
 
 API_VERSION = "2010-04-01"
+_E164 = re.compile(r"^\+[1-9][0-9]{7,14}$")
 
 
 class RecordedRequest(NamedTuple):
@@ -59,6 +70,31 @@ def _now_rfc2822() -> str:
 def new_call_sid() -> str:
     """A random, well-formed Call SID (``CA`` + 32 hex digits)."""
     return "CA" + secrets.token_hex(16)
+
+
+def new_message_sid() -> str:
+    """A random, well-formed Message SID (``SM`` + 32 hex digits)."""
+    return "SM" + secrets.token_hex(16)
+
+
+class SentText(NamedTuple):
+    """A text the fake accepted.
+
+    Attributes:
+        sid: Its MessageSid.
+        to: ``To``.
+        sender: ``From``, or the ``MessagingServiceSid``.
+        body: ``Body``.
+        status_callback: ``StatusCallback`` URL, if given.
+        received_at: ``time.monotonic()`` when the fake took it.
+    """
+
+    sid: str
+    to: str
+    sender: str
+    body: str
+    status_callback: str | None
+    received_at: float
 
 
 class FakeTwilioREST:
@@ -110,6 +146,10 @@ class FakeTwilioREST:
         self.auth_failures = 0
         self._create_failures: list[TwilioError] = []
         self._runner: web.AppRunner | None = None
+        self.messages: dict[str, dict[str, Any]] = {}
+        self.texts: list[SentText] = []
+        self.unsubscribed: set[str] = set()
+        self._message_failures: list[TwilioError] = []
 
     def fail_next_creates(
         self,
@@ -128,6 +168,65 @@ class FakeTwilioREST:
             message: Error message.
         """
         self._create_failures.extend(TwilioError(status, code, message) for _ in range(count))
+
+    def fail_next_messages(
+        self,
+        count: int = 1,
+        *,
+        status: int = 400,
+        code: int = 21211,
+        message: str = "Invalid 'To' Phone Number",
+    ) -> None:
+        """Makes the next ``count`` message creates fail with a Twilio error JSON.
+
+        Args:
+            count: Number of creates to fail.
+            status: HTTP status (e.g. 500 or 429 for a transient failure).
+            code: Twilio error code.
+            message: Error message.
+        """
+        self._message_failures.extend(TwilioError(status, code, message) for _ in range(count))
+
+    def texts_to(self, number: str) -> list[SentText]:
+        """Texts accepted for ``number``, in order."""
+        return [t for t in self.texts if t.to == number]
+
+    async def report_status(self, sid: str, status: str, *, error_code: int | None = None) -> int:
+        """Posts a message status callback to the message's ``StatusCallback``, signed
+        with the auth token like Twilio does.
+
+        Args:
+            sid: MessageSid of a text the fake accepted.
+            status: ``sent``, ``delivered``, ``undelivered`` or ``failed``.
+            error_code: ``ErrorCode`` of a failure.
+
+        Returns:
+            The HTTP status the callback got.
+        """
+        text = next(t for t in self.texts if t.sid == sid)
+        assert text.status_callback, "the text was sent without a StatusCallback"
+        form = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "From": self.messages[sid]["from"] or "",
+            "To": text.to,
+            "MessageSid": sid,
+            "SmsSid": sid,
+            "MessageStatus": status,
+            "SmsStatus": status,
+        }
+        if error_code is not None:
+            form["ErrorCode"] = str(error_code)
+        self.messages[sid]["status"] = status
+        self.messages[sid]["error_code"] = error_code
+        signature = RequestValidator(self.auth_token).compute_signature(text.status_callback, form)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                text.status_callback, data=form, headers={"X-Twilio-Signature": signature}
+            ) as response,
+        ):
+            return response.status
 
     def requests_to(self, method: str, suffix: str) -> list[RecordedRequest]:
         """Recorded requests with this method whose path ends with ``suffix``.
@@ -148,6 +247,9 @@ class FakeTwilioREST:
         app.router.add_post(base + ".json", self._create)
         app.router.add_post(base + "/{call}.json", self._update)
         app.router.add_get(base + "/{call}.json", self._fetch)
+        messages = f"/{API_VERSION}/Accounts/{{account}}/Messages"
+        app.router.add_post(messages + ".json", self._create_message)
+        app.router.add_get(messages + "/{message}.json", self._fetch_message)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
@@ -310,3 +412,83 @@ class FakeTwilioREST:
         if call is None:
             return self._error(404, 20404, "The requested resource was not found")
         return web.json_response(call)
+
+    def _message_json(self, sid: str, form: Mapping[str, str]) -> dict[str, Any]:
+        """A realistic Message resource for a new outbound text."""
+        now = _now_rfc2822()
+        body = form.get("Body", "")
+        service = form.get("MessagingServiceSid")
+        gsm = all(ord(c) < 128 for c in body)
+        per_segment = (160, 153) if gsm else (70, 67)
+        segments = 1 if len(body) <= per_segment[0] else -(-len(body) // per_segment[1])
+        uri = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages/{sid}"
+        return {
+            "account_sid": self.account_sid,
+            "api_version": API_VERSION,
+            "body": body,
+            "date_created": now,
+            "date_sent": None,
+            "date_updated": now,
+            "direction": "outbound-api",
+            "error_code": None,
+            "error_message": None,
+            "from": None if service else form.get("From"),
+            "messaging_service_sid": service,
+            "num_media": "0",
+            "num_segments": str(segments),
+            "price": None,
+            "price_unit": "USD",
+            "sid": sid,
+            "status": "accepted" if service else "queued",
+            "subresource_uris": {"media": uri + "/Media.json"},
+            "to": form.get("To"),
+            "uri": uri + ".json",
+        }
+
+    async def _create_message(self, request: web.Request) -> web.Response:
+        """POST Messages.json: accepts a text (validated like Twilio's API)."""
+        form = await self._record(request)
+        if isinstance(form, web.Response):
+            return form
+        if self._message_failures:
+            err = self._message_failures.pop(0)
+            return self._error(err.status, err.code, err.message)
+        to = form.get("To", "")
+        if not to:
+            return self._error(400, 21604, "A 'To' phone number is required.")
+        if not (form.get("From") or form.get("MessagingServiceSid")):
+            return self._error(400, 21603, "A 'From' phone number is required.")
+        if not (form.get("Body") or form.get("MediaUrl") or form.get("ContentSid")):
+            return self._error(400, 21602, "Message body is required.")
+        if len(form.get("Body", "")) > 1600:
+            return self._error(
+                400, 21617, "The concatenated message body exceeds the 1600 character limit."
+            )
+        if not _E164.match(to):
+            return self._error(400, 21211, f"Invalid 'To' Phone Number: {to[:20]}")
+        if to in self.unsubscribed:
+            return self._error(400, 21610, "Attempt to send to unsubscribed recipient")
+        sid = new_message_sid()
+        message = self._message_json(sid, form)
+        self.messages[sid] = message
+        self.texts.append(
+            SentText(
+                sid=sid,
+                to=to,
+                sender=form.get("MessagingServiceSid") or form.get("From", ""),
+                body=form.get("Body", ""),
+                status_callback=form.get("StatusCallback"),
+                received_at=time.monotonic(),
+            )
+        )
+        return web.json_response(message, status=201)
+
+    async def _fetch_message(self, request: web.Request) -> web.Response:
+        """GET Messages/{SM}.json: the text as last known."""
+        form = await self._record(request)
+        if isinstance(form, web.Response):
+            return form
+        message = self.messages.get(request.match_info["message"])
+        if message is None:
+            return self._error(404, 20404, "The requested resource was not found")
+        return web.json_response(message)
