@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     call_cmd.add_argument(
         "--scenario", choices=("service-due", "confirmation"), default="service-due"
     )
-    from campaigns.dialer import add_campaign_arguments
+    from campaigns.cli import add_campaign_arguments
 
     add_campaign_arguments(sub.add_parser("campaign", help="plan (--dry-run) or run a campaign"))
     sub.add_parser("worker", help="run scheduled campaigns and retries until SIGTERM")
@@ -455,11 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tools":
         return asyncio.run(_tools_console(settings, caller=args.caller, now=args.now))
     if args.command == "campaign":
-        from campaigns.dialer import cli_main
+        from campaigns.cli import cli_main
 
         return cli_main(args, settings=settings)
     if args.command == "worker":
-        from campaigns.worker import worker_main
+        from campaigns.cli import worker_main
 
         return worker_main(settings=settings)
     parser.error(f"unknown command {args.command}")

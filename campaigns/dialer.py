@@ -13,11 +13,8 @@ windows at that moment. Outcomes arrive through Twilio status callbacks
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
-import sys
 import time as time_mod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +32,7 @@ from crm import campaigns as crm
 from telephony.twilio import place_outbound_call
 
 if TYPE_CHECKING:
-    from core.resources import AppResources
+    pass
 
 #: Wait before looking again at an attempt that could not be claimed (window closed...).
 DEFER_MINUTES = 15
@@ -530,46 +527,6 @@ async def record_call_outcome(
         return await crm.set_attempt_outcome(conn, call_sid=call_sid, outcome=mapped)
 
 
-# --- command line -----------------------------------------------------------------------
-
-
-def _parse_now(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    value = datetime.fromisoformat(text)
-    if value.tzinfo is None:
-        raise ValueError("--now needs a UTC offset, e.g. 2026-11-30T10:00:00-06:00")
-    return value
-
-
-def add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``runner.py campaign``."""
-    parser.add_argument("campaign", choices=tuple(CLI_CAMPAIGNS))
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, dial nobody")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--limit", type=int, help="at most N calls, most urgent first")
-    parser.add_argument("--max-concurrent", type=int, help="at most K calls in flight")
-    parser.add_argument("--now", help="fixed current time, ISO 8601 with offset")
-
-
-def _print_plan(calls: Sequence[crm.PlannedCall], *, as_json: bool, out=sys.stdout) -> None:
-    if as_json:
-        for call in calls:
-            print(json.dumps(planned_call_view(call)), file=out)
-        return
-    print(
-        f"{'customer':>9}  {'phone':<12}  {'local time':<16}  {'time zone':<22}  reason", file=out
-    )
-    for call in calls:
-        v = planned_call_view(call)
-        print(
-            f"{v['customer_id']:>9}  {v['phone']:<12}  {v['local_time']:<16}  "
-            f"{v['time_zone']:<22}  {v['reason']}",
-            file=out,
-        )
-    print(f"{len(calls)} call(s) planned", file=out)
-
-
 def next_window_opening(profile: DealershipProfile, now: datetime) -> datetime | None:
     """When the dealership's outbound window next opens, or ``None`` while it is open.
 
@@ -589,113 +546,3 @@ def next_window_opening(profile: DealershipProfile, now: datetime) -> datetime |
         return None
     day = local.date() if local.time() < window.start else local.date() + timedelta(days=1)
     return datetime.combine(day, window.start, tzinfo=profile.time_zone)
-
-
-async def _closed_window_notice(
-    resources: AppResources, *, campaign: str, now: datetime, limit: int | None
-) -> str | None:
-    """A sentence for a run outside the calling window: closed until when, how many due."""
-    profile = resources.profile
-    opens = next_window_opening(profile, now)
-    if opens is None:
-        return None
-    due = await plan_campaign(
-        resources.db, profile=profile, campaign=campaign, now=opens, limit=limit
-    )
-    local = now.astimezone(profile.time_zone)
-    window = profile.outbound_window
-    return (
-        f"The calling window is closed: it is {local:%a %Y-%m-%d %H:%M %Z} at the dealership "
-        f"(window {window.start:%H:%M}-{window.end:%H:%M}). It opens "
-        f"{opens:%a %Y-%m-%d %H:%M %Z}; {len(due)} customer(s) due would be called then. "
-        "Nobody was called."
-    )
-
-
-async def campaign_command(
-    settings: Settings,
-    args: argparse.Namespace,
-    *,
-    dial: DialFn | None = None,
-    out=sys.stdout,
-) -> int:
-    """``runner.py campaign ...``: dry-run or run one campaign now.
-
-    Args:
-        settings: Settings.
-        args: Parsed ``campaign`` arguments.
-        dial: Fake dialer (tests); Twilio by default.
-        out: Where the plan and the summary go.
-
-    Returns:
-        Process exit code.
-    """
-    from core.profile import ProfileError
-    from core.resources import StartupError, open_resources
-    from core.settings import MissingSettingError
-
-    campaign = CLI_CAMPAIGNS[args.campaign]
-    try:
-        now = _parse_now(args.now)
-    except ValueError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    if (args.limit is not None and args.limit < 0) or (args.max_concurrent or 1) < 1:
-        print("--limit must be >= 0 and --max-concurrent >= 1", file=sys.stderr)
-        return 2
-    try:
-        if not args.dry_run and dial is None:
-            settings.require(
-                "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL"
-            )
-        async with open_resources(settings, seed_demo=False) as resources:
-            # Outside the window nobody is planned: say so (and until when) instead of
-            # printing an empty plan. With --json, stdout stays JSON lines: it goes to stderr.
-            notice = await _closed_window_notice(
-                resources, campaign=campaign, now=now or _utcnow(), limit=args.limit
-            )
-            if notice is not None:
-                print(notice, file=sys.stderr if args.json else out)
-            if args.dry_run:
-                calls = await plan_campaign(
-                    resources.db,
-                    profile=resources.profile,
-                    campaign=campaign,
-                    now=now,
-                    limit=args.limit,
-                )
-                _print_plan(calls, as_json=args.json, out=out)
-                return 0
-            result = await run_campaign(
-                resources.db,
-                profile=resources.profile,
-                settings=settings,
-                campaign=campaign,
-                now=now,
-                limit=args.limit,
-                max_concurrent=args.max_concurrent,
-                dial=dial,
-            )
-    except (MissingSettingError, StartupError, ProfileError) as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    if args.json:
-        for call in result.calls:
-            print(json.dumps(planned_call_view(call)), file=out)
-    print(json.dumps(result.summary()), file=out)
-    return 0
-
-
-def cli_main(args: argparse.Namespace, *, settings: Settings | None = None) -> int:
-    """Entry point of ``runner.py campaign``.
-
-    Args:
-        args: Parsed arguments (:func:`add_campaign_arguments`).
-        settings: Settings; read from the environment when omitted.
-
-    Returns:
-        Process exit code.
-    """
-    from core.settings import get_settings
-
-    return asyncio.run(campaign_command(settings or get_settings(), args))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -52,46 +50,6 @@ class WorkerReport:
             self.retried += stats.dialed
         else:
             self.dialed += stats.dialed
-
-
-class _Lock:
-    """A session advisory lock held on its own connection."""
-
-    def __init__(self, conninfo: str, key: int) -> None:
-        self._conninfo = conninfo
-        self._key = key
-        self._conn: psycopg.AsyncConnection | None = None
-        self.held = False
-
-    async def try_acquire(self) -> bool:
-        """Take the lock if it is free; check it is still ours if we hold it."""
-        try:
-            if self._conn is None or self._conn.closed:
-                self.held = False
-                self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-            if self.held:
-                await self._conn.execute("SELECT 1")
-                return True
-            cur = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))
-            self.held = bool((await cur.fetchone())[0])
-        except psycopg.OperationalError as exc:
-            if self.held:
-                logger.warning(f"worker lock connection lost ({type(exc).__name__})")
-            self.held = False
-            await self.close()
-        return self.held
-
-    async def close(self) -> None:
-        """Release the lock (closing the session releases it too)."""
-        conn, self._conn = self._conn, None
-        if conn is None or conn.closed:
-            return
-        with contextlib.suppress(psycopg.Error):
-            if self.held:
-                await conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
-        self.held = False
-        with contextlib.suppress(psycopg.Error):
-            await conn.close()
 
 
 def dialing_hours(profile: DealershipProfile, now: datetime) -> bool:
@@ -166,7 +124,7 @@ async def run_worker(
         stop=stop,
         clock=clock,
     )
-    lock = _Lock(conninfo, WORKER_LOCK_ID)
+    lock = crm.AdvisoryLock(conninfo, WORKER_LOCK_ID)
     report = WorkerReport()
     running: dict[str, asyncio.Task] = {}
 
@@ -282,66 +240,3 @@ async def _pass(
             running[campaign] = asyncio.create_task(run_slot(campaign, local_day, slot))
     if "retries" not in running and dialing_hours(profile, now):
         running["retries"] = asyncio.create_task(retry_pass())
-
-
-async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> int:
-    """``runner.py worker``: run until SIGTERM/SIGINT.
-
-    Args:
-        settings: Settings.
-        dial: Fake dialer (tests); Twilio by default.
-
-    Returns:
-        Process exit code.
-    """
-    from core.profile import ProfileError
-    from core.resources import StartupError, open_resources
-    from core.settings import MissingSettingError
-    from telephony.sms import sms_configured
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        if dial is None:
-            settings.require(
-                "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL"
-            )
-        async with open_resources(settings, seed_demo=False) as resources:
-            sender = None
-            if resources.profile.texting.enabled and sms_configured(settings):
-                sender = Sender(
-                    resources.db,
-                    settings=settings,
-                    profile=resources.profile,
-                    redis=resources.redis,
-                    conninfo=resources.database_url,
-                )
-            report = await run_worker(
-                resources.db,
-                conninfo=resources.database_url,
-                profile=resources.profile,
-                settings=settings,
-                dial=dial,
-                stop=stop,
-                sender=sender,
-            )
-    except (MissingSettingError, StartupError, ProfileError) as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    logger.info(
-        f"campaign worker stopped: {len(report.runs)} run(s), {report.dialed} dialed, "
-        f"{report.retried} retried, {report.reminders} reminder text(s) queued"
-    )
-    return 0
-
-
-def worker_main(*, settings: Settings | None = None) -> int:
-    """Entry point of ``runner.py worker``; settings from the environment when omitted."""
-    from core.settings import get_settings
-
-    return asyncio.run(worker_command(settings or get_settings()))

@@ -13,15 +13,16 @@ cancelled (or rescheduled away) the same booking is made afresh.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg import AsyncConnection, errors
-from psycopg.rows import class_row
+from psycopg.rows import class_row, dict_row
 
 CODE_ALPHABET = "ACDEFGHJKLMNPQRTUVWXY3479"  # no look-alikes (0/O, 1/I, 5/S, 8/B, 2/Z)
 ACTIVE_STATUSES = ("requested", "scheduled", "confirmed", "checked_in", "in_progress")
@@ -447,3 +448,105 @@ async def set_calendar_sync(
         """,
         {"id": appointment_id, "state": state, "event_id": event_id, "error": error},
     )
+
+
+@dataclass(frozen=True)
+class ConfirmedAppointment:
+    """What the bot reads back after confirming an appointment."""
+
+    starts_at: datetime
+    confirmation_code: str
+
+
+async def confirm_scheduled(
+    conn: AsyncConnection, *, appointment_id: int, customer_id: int
+) -> ConfirmedAppointment | None:
+    """Confirm a ``scheduled`` appointment of ``customer_id``.
+
+    Args:
+        conn: Database connection.
+        appointment_id: The appointment.
+        customer_id: Its owner (the verified caller).
+
+    Returns:
+        Its time and code, or ``None`` when it is not the customer's or not ``scheduled``.
+    """
+    async with conn.cursor(row_factory=class_row(ConfirmedAppointment)) as cur:
+        await cur.execute(
+            """
+            UPDATE appointments SET status = 'confirmed', confirmed_at = now()
+            WHERE id = %(id)s AND customer_id = %(customer_id)s AND status = 'scheduled'
+            RETURNING starts_at, confirmation_code
+            """,
+            {"id": appointment_id, "customer_id": customer_id},
+        )
+        return await cur.fetchone()
+
+
+@dataclass(frozen=True)
+class CalendarMirror:
+    """What the calendar needs to find the event of an appointment."""
+
+    external_event_id: str | None
+    confirmation_code: str
+    starts_at: datetime
+
+
+async def calendar_mirror(conn: AsyncConnection, appointment_id: int) -> CalendarMirror | None:
+    """The calendar event id, code and time of one appointment (``None``: no such row)."""
+    async with conn.cursor(row_factory=class_row(CalendarMirror)) as cur:
+        await cur.execute(
+            "SELECT external_event_id, confirmation_code, starts_at FROM appointments "
+            "WHERE id = %(id)s",
+            {"id": appointment_id},
+        )
+        return await cur.fetchone()
+
+
+@dataclass(frozen=True)
+class PendingSync:
+    """An appointment whose calendar mirror is pending or failed, with what its event says."""
+
+    appointment: AppointmentRow
+    first_name: str
+    vehicle: str
+
+
+_SYNC_COLUMNS = ", ".join(f"a.{f.name}" for f in dataclasses.fields(AppointmentRow))
+
+
+async def pending_calendar_syncs(
+    conn: AsyncConnection, *, min_age: timedelta, limit: int
+) -> list[PendingSync]:
+    """Appointments whose calendar sync is ``pending`` or ``failed``, oldest first.
+
+    Args:
+        conn: Database connection.
+        min_age: Only rows last updated at least this long ago.
+        limit: At most this many rows.
+
+    Returns:
+        The appointments with the customer's first name and the vehicle's description.
+    """
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"""
+            SELECT {_SYNC_COLUMNS}, c.first_name AS _first_name,
+                   concat_ws(' ', v.year, v.make, v.model, v.trim) AS _vehicle
+            FROM appointments a
+            JOIN customers c ON c.id = a.customer_id
+            JOIN vehicles v ON v.id = a.vehicle_id
+            WHERE a.calendar_sync_state IN ('pending', 'failed')
+              AND a.updated_at <= now() - %(min_age)s
+            ORDER BY a.id
+            LIMIT %(limit)s
+            """,
+            {"min_age": min_age, "limit": limit},
+        )
+        rows = await cur.fetchall()
+    pending = []
+    for row in rows:
+        first_name = row.pop("_first_name") or ""
+        vehicle = row.pop("_vehicle") or ""
+        pending.append(PendingSync(AppointmentRow(**row), first_name, vehicle))
+    return pending

@@ -15,16 +15,19 @@ end of a window stops dialing, and two processes never dial the same row.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 
+import psycopg
+from loguru import logger
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
+from core.profile import LEGAL_CALL_WINDOW
+
 CAMPAIGNS = ("service_due", "confirmation")
-#: Legal bounds for the customer-side window (TCPA: 8 AM to 9 PM local time).
-LEGAL_WINDOW = (time(8, 0), time(21, 0))
 #: Statuses of an attempt that is not finished.
 OPEN_STATUSES = ("planned", "dialing", "in_progress", "retry_pending")
 #: Appointment statuses that count as an upcoming visit (service-due calls skip them).
@@ -117,8 +120,8 @@ class CallRules:
         """Query parameters shared by planning and claiming."""
         if now.tzinfo is None:
             raise ValueError("now must be timezone-aware")
-        start = max(self.customer_window[0], LEGAL_WINDOW[0])
-        end = min(self.customer_window[1], LEGAL_WINDOW[1])
+        start = max(self.customer_window[0], LEGAL_CALL_WINDOW[0])
+        end = min(self.customer_window[1], LEGAL_CALL_WINDOW[1])
         states = sorted(STATE_TIME_ZONES)
         return {
             "now": now,
@@ -840,3 +843,48 @@ async def finish_run(
         """,
         {"c": campaign, "d": local_date, "s": slot, "p": planned, "n": dialed, "e": error},
     )
+
+
+class AdvisoryLock:
+    """A Postgres session advisory lock held on its own connection (one dialer at a time).
+
+    Args:
+        conninfo: Connection string; the lock lives as long as this connection.
+        key: The advisory lock key.
+    """
+
+    def __init__(self, conninfo: str, key: int) -> None:
+        self._conninfo = conninfo
+        self._key = key
+        self._conn: psycopg.AsyncConnection | None = None
+        self.held = False
+
+    async def try_acquire(self) -> bool:
+        """Take the lock if it is free; check it is still ours if we hold it."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self.held = False
+                self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            if self.held:
+                await self._conn.execute("SELECT 1")
+                return True
+            cur = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))
+            self.held = bool((await cur.fetchone())[0])
+        except psycopg.OperationalError as exc:
+            if self.held:
+                logger.warning(f"worker lock connection lost ({type(exc).__name__})")
+            self.held = False
+            await self.close()
+        return self.held
+
+    async def close(self) -> None:
+        """Release the lock (closing the session releases it too)."""
+        conn, self._conn = self._conn, None
+        if conn is None or conn.closed:
+            return
+        with contextlib.suppress(psycopg.Error):
+            if self.held:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
+        self.held = False
+        with contextlib.suppress(psycopg.Error):
+            await conn.close()

@@ -211,3 +211,20 @@ async def record_verification_success(conn: AsyncConnection, customer_id: int) -
     await conn.execute(
         "UPDATE customers SET last_verified_at = now() WHERE id = %(id)s", {"id": customer_id}
     )
+
+
+async def opt_out_of_calls(conn: AsyncConnection, phone: str) -> int:
+    """Record "do not call" for every customer whose primary phone is ``phone``.
+
+    Args:
+        conn: Database connection.
+        phone: E.164 number the person asked us to stop calling.
+
+    Returns:
+        How many customers were updated.
+    """
+    cur = await conn.execute(
+        "UPDATE customers SET do_not_call = true, call_consent = false WHERE phone = %(phone)s",
+        {"phone": phone},
+    )
+    return cur.rowcount

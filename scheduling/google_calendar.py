@@ -27,13 +27,12 @@ before the first real request.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import threading
 import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import google_auth_httplib2
 import httplib2
@@ -45,11 +44,15 @@ from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 from loguru import logger
 from prometheus_client import Counter
-from psycopg.rows import dict_row
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from core.metrics import REGISTRY
-from crm.appointments import AppointmentRow, set_calendar_sync
+from crm.appointments import (
+    AppointmentRow,
+    calendar_mirror,
+    pending_calendar_syncs,
+    set_calendar_sync,
+)
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -504,19 +507,15 @@ class GoogleCalendar:
     async def _previous_event_id(self, appointment_id: int) -> str | None:
         """Event of the appointment a rescheduled one replaces."""
         async with self._db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT external_event_id, confirmation_code, starts_at FROM appointments "
-                "WHERE id = %(id)s",
-                {"id": appointment_id},
-            )
-            row = await cur.fetchone()
-        if row is None:
+            mirror = await calendar_mirror(conn, appointment_id)
+        if mirror is None:
             return None
-        event_id, code, starts_at = row
-        if event_id:
-            return event_id
+        if mirror.external_event_id:
+            return mirror.external_event_id
         return await self.find_event(
-            appointment_id=appointment_id, confirmation_code=code, around=starts_at
+            appointment_id=appointment_id,
+            confirmation_code=mirror.confirmation_code,
+            around=mirror.starts_at,
         )
 
     async def _upsert_event(
@@ -570,9 +569,6 @@ class GoogleCalendar:
         return event_id
 
 
-_SYNC_COLUMNS = ", ".join(f"a.{f.name}" for f in dataclasses.fields(AppointmentRow))
-
-
 async def sync_pending(
     db: AsyncConnectionPool,
     calendar: GoogleCalendar,
@@ -595,28 +591,13 @@ async def sync_pending(
     Returns:
         How many appointments were synced.
     """
-    async with db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            f"""
-            SELECT {_SYNC_COLUMNS}, c.first_name AS _first_name,
-                   concat_ws(' ', v.year, v.make, v.model, v.trim) AS _vehicle
-            FROM appointments a
-            JOIN customers c ON c.id = a.customer_id
-            JOIN vehicles v ON v.id = a.vehicle_id
-            WHERE a.calendar_sync_state IN ('pending', 'failed')
-              AND a.updated_at <= now() - %(min_age)s
-            ORDER BY a.id
-            LIMIT %(limit)s
-            """,
-            {"min_age": min_age, "limit": limit},
-        )
-        rows: list[dict[str, Any]] = await cur.fetchall()
+    async with db.connection() as conn:
+        rows = await pending_calendar_syncs(conn, min_age=min_age, limit=limit)
     synced = 0
     for row in rows:
-        first_name = row.pop("_first_name") or ""
-        vehicle = row.pop("_vehicle") or ""
-        appointment = AppointmentRow(**row)
-        if await calendar.sync_appointment(appointment, first_name=first_name, vehicle=vehicle):
+        if await calendar.sync_appointment(
+            row.appointment, first_name=row.first_name, vehicle=row.vehicle
+        ):
             synced += 1
     if rows:
         logger.info(f"calendar catch-up: {synced} of {len(rows)} appointments synced")

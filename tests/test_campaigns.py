@@ -27,7 +27,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from campaigns import dialer as app_campaigns
-from campaigns.worker import WORKER_LOCK_ID, due_slots, run_worker, worker_command
+from campaigns.cli import campaign_command, worker_command
+from campaigns.worker import WORKER_LOCK_ID, due_slots, run_worker
 from core.profile import DealershipProfile, ProfileError, load_profile, parse_profile
 from core.settings import DEFAULT_PROFILE, Settings
 from crm import calls as crm_calls
@@ -1000,7 +1001,7 @@ async def test_cli_dry_run_prints_masked_plan(migrated_db: str, redis_server_url
         max_concurrent=None,
         now=NOW.isoformat(),
     )
-    assert await app_campaigns.campaign_command(settings, args, out=out) == 0
+    assert await campaign_command(settings, args, out=out) == 0
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert lines == [
         {
@@ -1014,7 +1015,7 @@ async def test_cli_dry_run_prints_masked_plan(migrated_db: str, redis_server_url
     assert "5550199" not in out.getvalue()
     out = io.StringIO()
     args.json = False
-    assert await app_campaigns.campaign_command(settings, args, out=out) == 0
+    assert await campaign_command(settings, args, out=out) == 0
     assert "+1***…0199" in out.getvalue() and "1 call(s) planned" in out.getvalue()
     # A real run with a fake dialer (the call ends at once: the run waits for calls in
     # flight to end); a second run the same day dials nobody.
@@ -1033,10 +1034,7 @@ async def test_cli_dry_run_prints_masked_plan(migrated_db: str, redis_server_url
     args.now = (NOW + timedelta(seconds=1)).isoformat()
     for _ in range(2):
         out = io.StringIO()
-        assert (
-            await app_campaigns.campaign_command(settings, args, dial=dial_and_hang_up, out=out)
-            == 0
-        )
+        assert await campaign_command(settings, args, dial=dial_and_hang_up, out=out) == 0
     assert dial.customers() == [a]
     assert json.loads(out.getvalue().splitlines()[-1])["dialed"] == 0
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from loguru import logger
 
+from crm import appointments as crm_appointments
+from crm import customers as crm_customers
 from scheduling.availability import speakable
 from tools.customers import require_verified
 from tools.registry import ToolContext, ToolRefusal, tool
@@ -22,15 +24,9 @@ async def confirm_appointment(ctx: ToolContext, *, appointment_id: int) -> dict[
     """Mark a scheduled appointment of the verified customer as confirmed."""
     customer_id = require_verified(ctx)
     async with ctx.db.connection() as conn:
-        cur = await conn.execute(
-            """
-            UPDATE appointments SET status = 'confirmed', confirmed_at = now()
-            WHERE id = %(id)s AND customer_id = %(customer_id)s AND status = 'scheduled'
-            RETURNING starts_at, confirmation_code
-            """,
-            {"id": int(appointment_id), "customer_id": customer_id},
+        row = await crm_appointments.confirm_scheduled(
+            conn, appointment_id=int(appointment_id), customer_id=customer_id
         )
-        row = await cur.fetchone()
     if row is None:
         raise ToolRefusal(
             "I couldn't confirm that appointment; it may already be confirmed or changed.",
@@ -42,8 +38,8 @@ async def confirm_appointment(ctx: ToolContext, *, appointment_id: int) -> dict[
     return {
         "ok": True,
         "confirmed": True,
-        "when": speakable(row[0], ctx.profile.time_zone),
-        "confirmation_code": row[1],
+        "when": speakable(row.starts_at, ctx.profile.time_zone),
+        "confirmation_code": row.confirmation_code,
     }
 
 
@@ -61,11 +57,8 @@ async def opt_out(ctx: ToolContext) -> dict[str, Any]:
     if not phone:
         raise ToolRefusal("I'll make a note of that.", code="no_number")
     async with ctx.db.connection() as conn:
-        cur = await conn.execute(
-            "UPDATE customers SET do_not_call = true, call_consent = false WHERE phone = %(phone)s",
-            {"phone": phone},
-        )
-    logger.info(f"opt-out recorded for {cur.rowcount} customer(s) on call {ctx.session.call_sid}")
+        updated = await crm_customers.opt_out_of_calls(conn, phone)
+    logger.info(f"opt-out recorded for {updated} customer(s) on call {ctx.session.call_sid}")
     ctx.session.outcome = "opted_out"
     ctx.session.pending_action = "end"
     return {
