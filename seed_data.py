@@ -42,7 +42,7 @@ __all__ = ["DEMO_CUSTOMERS", "SeedError", "main", "seed"]
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--customers", type=int, default=200, help="generated customers")
     parser.add_argument("--seed", type=int, default=7, help="RNG seed (default 7)")
     parser.add_argument("--reset", action="store_true", help="replace existing CRM rows")

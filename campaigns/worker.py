@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Any
 
 import psycopg
 from loguru import logger
@@ -217,8 +218,8 @@ async def _pass(
     dialer: Dialer,
     running: dict[str, asyncio.Task],
     report: WorkerReport,
-    run_slot: Callable[[str, date, str], Awaitable[None]],
-    retry_pass: Callable[[], Awaitable[None]],
+    run_slot: Callable[[str, date, str], Coroutine[Any, Any, None]],
+    retry_pass: Callable[[], Coroutine[Any, Any, None]],
 ) -> None:
     """One pass of the lock holder: clean up, start due slots and a retry pass."""
     for key in [k for k, task in running.items() if task.done()]:

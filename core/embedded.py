@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 
 import psycopg
 from loguru import logger
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
     import redis
@@ -455,7 +457,6 @@ class EmbeddedRedis:
 
     def _answers(self) -> bool:
         """Whether a Redis answers PING on the socket."""
-        import redis
 
         assert self.socket_path is not None
         if not self.socket_path.exists():
@@ -463,7 +464,7 @@ class EmbeddedRedis:
         client = self._client()
         try:
             return bool(client.ping())
-        except (redis.exceptions.RedisError, OSError):
+        except (RedisError, OSError):
             return False
         finally:
             client.close()
@@ -562,7 +563,7 @@ class EmbeddedRedis:
                     redis.Redis(unix_socket_path=str(self.socket_path)).ping()
                     logger.info("embedded Redis ready")
                     return
-                except redis.exceptions.ConnectionError:
+                except RedisConnectionError:
                     pass
             time.sleep(0.05)
         raise EmbeddedServerError(f"Embedded Redis did not start (log {log}):\n{_log_tail(log)}")

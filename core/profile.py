@@ -151,8 +151,8 @@ def _holidays(value: object) -> frozenset[date]:
             days.add(raw)
             continue
         try:
-            days.add(date.fromisoformat(raw))
-        except (TypeError, ValueError):
+            days.add(date.fromisoformat(raw if isinstance(raw, str) else ""))
+        except ValueError:
             raise ValueError(f"{raw!r} is not a YYYY-MM-DD date") from None
     return frozenset(days)
 

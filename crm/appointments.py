@@ -19,7 +19,7 @@ import secrets
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, LiteralString, cast
 
 from psycopg import AsyncConnection, errors
 from psycopg.rows import class_row, dict_row
@@ -530,7 +530,9 @@ async def pending_calendar_syncs(
     """
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            f"""
+            cast(  # composed from AppointmentRow's field names, no input
+                LiteralString,
+                f"""
             SELECT {_SYNC_COLUMNS}, c.first_name AS _first_name,
                    concat_ws(' ', v.year, v.make, v.model, v.trim) AS _vehicle
             FROM appointments a
@@ -541,6 +543,7 @@ async def pending_calendar_syncs(
             ORDER BY a.id
             LIMIT %(limit)s
             """,
+            ),
             {"min_age": min_age, "limit": limit},
         )
         rows = await cur.fetchall()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, LiteralString, cast
 
 import psycopg
 from tqdm import tqdm
@@ -16,12 +16,12 @@ class CrmNotEmptyError(RuntimeError):
 
 @dataclass(frozen=True)
 class CrmRows:
-    """Rows for each CRM table (tuples in the order of the ``*_COLUMNS`` constants)."""
+    """Rows for each CRM table (values in the order of the ``*_COLUMNS`` constants)."""
 
-    customers: Sequence[tuple[Any, ...]]
-    vehicles: Sequence[tuple[Any, ...]]
-    appointments: Sequence[tuple[Any, ...]]
-    history: Sequence[tuple[Any, ...]]
+    customers: Sequence[Sequence[Any]]
+    vehicles: Sequence[Sequence[Any]]
+    appointments: Sequence[Sequence[Any]]
+    history: Sequence[Sequence[Any]]
 
 
 CUSTOMER_COLUMNS = (
@@ -85,7 +85,9 @@ def load_crm(conninfo: str, rows: CrmRows, *, reset: bool, progress: bool = Fals
             bar = tqdm(total=total, desc="rows", disable=not progress, leave=False)
             with conn.cursor() as cur, bar:
                 for table, columns, table_rows in tables:
-                    with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                    # Table and column names are this module's constants.
+                    statement = cast(LiteralString, f"COPY {table} ({columns}) FROM STDIN")
+                    with cur.copy(statement) as copy:
                         for row in table_rows:
                             copy.write_row(row)
                             bar.update()

@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
+from typing import LiteralString, cast
 
 import psycopg
 from loguru import logger
@@ -309,9 +310,13 @@ WHERE NOT EXISTS (SELECT 1 FROM eligible o WHERE o.phone = e.alt_phone AND o.ran
 ORDER BY e.rank
 LIMIT %(limit)s"""
 
-PLAN_SQL = {
-    "service_due": f"WITH {_WINDOW_CTES},{_SERVICE_DUE_CANDIDATES},{_PLAN_TAIL}",
-    "confirmation": f"WITH {_WINDOW_CTES},{_CONFIRMATION_CANDIDATES},{_PLAN_TAIL}",
+PLAN_SQL: dict[str, LiteralString] = {  # composed from this module's constant fragments
+    "service_due": cast(
+        LiteralString, f"WITH {_WINDOW_CTES},{_SERVICE_DUE_CANDIDATES},{_PLAN_TAIL}"
+    ),
+    "confirmation": cast(
+        LiteralString, f"WITH {_WINDOW_CTES},{_CONFIRMATION_CANDIDATES},{_PLAN_TAIL}"
+    ),
 }
 
 
@@ -410,7 +415,9 @@ async def insert_attempts(
     return {int(cid): int(aid) for cid, aid in await cur.fetchall()}
 
 
-_CLAIM_SQL = f"""
+_CLAIM_SQL = cast(
+    LiteralString,
+    f"""
 WITH {_WINDOW_CTES}
 UPDATE campaign_attempts a
 SET status = 'dialing', attempt_count = a.attempt_count + 1, dialed_at = %(now)s,
@@ -425,7 +432,8 @@ WHERE a.id = %(id)s AND a.status = ANY(%(from_statuses)s) AND c.id = a.customer_
           SELECT 1 FROM appointments ap
           WHERE ap.id = a.appointment_id AND ap.status = 'scheduled'
             AND ap.confirmed_at IS NULL AND ap.starts_at > %(now)s))
-RETURNING a.id, a.campaign, a.customer_id, c.phone, a.attempt_count"""
+RETURNING a.id, a.campaign, a.customer_id, c.phone, a.attempt_count""",
+)
 
 
 async def claim_attempt(
@@ -869,7 +877,8 @@ class AdvisoryLock:
                 await self._conn.execute("SELECT 1")
                 return True
             cur = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))
-            self.held = bool((await cur.fetchone())[0])
+            row = await cur.fetchone()
+            self.held = bool(row and row[0])
         except psycopg.OperationalError as exc:
             if self.held:
                 logger.warning(f"worker lock connection lost ({type(exc).__name__})")

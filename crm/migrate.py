@@ -12,6 +12,7 @@ import asyncio
 import os
 import sys
 from importlib import resources
+from typing import LiteralString, cast
 
 import psycopg
 from loguru import logger
@@ -23,7 +24,7 @@ MIGRATION_LOCK_ID = 0x7661_6D69  # "vami"
 def migration_files() -> list[tuple[str, str]]:
     """``(name, sql)`` of every migration, in order."""
     folder = resources.files("crm").joinpath("migrations")
-    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [(f.name, f.read_text(encoding="utf-8")) for f in files]
 
 
@@ -50,7 +51,7 @@ async def apply_migrations(conninfo: str) -> list[str]:
                 if name in done:
                     continue
                 async with conn.transaction():
-                    await conn.execute(sql)
+                    await conn.execute(cast(LiteralString, sql))  # our own migration file
                     await conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
                 applied.append(name)
                 logger.info(f"applied migration {name}")

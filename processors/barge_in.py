@@ -46,6 +46,7 @@ from pipecat.frames.frames import (
     Frame,
     InputAudioRawFrame,
     InterimTranscriptionFrame,
+    TextFrame,
     TranscriptionFrame,
     UserBackchannelFrame,
     UserSpeakingFrame,
@@ -237,9 +238,10 @@ class BargeInUserTurnStartStrategy(BaseUserTurnStartStrategy):
         if isinstance(frame, VADUserStartedSpeakingFrame):
             await self.trigger_user_turn_started()
             return ProcessFrameResult.STOP
-        is_final = isinstance(frame, TranscriptionFrame)
-        is_interim = isinstance(frame, InterimTranscriptionFrame) and self._use_interim
-        if (is_final or is_interim) and frame.text.strip():
+        heard = isinstance(frame, TranscriptionFrame) or (
+            isinstance(frame, InterimTranscriptionFrame) and self._use_interim
+        )
+        if heard and isinstance(frame, TextFrame) and frame.text.strip():
             await self.trigger_user_turn_started()
             return ProcessFrameResult.STOP
         return ProcessFrameResult.CONTINUE

@@ -284,7 +284,10 @@ class CrmBuilder:
         if current_mileage is None:
             current_mileage = miles_on(read_on)
         last_miles = miles_on(last_visit) if last_visit else None
-        base_day, base_miles = (last_visit, last_miles) if last_visit else (start, odometer0)
+        if last_visit is not None and last_miles is not None:
+            base_day, base_miles = last_visit, last_miles
+        else:
+            base_day, base_miles = start, odometer0
         due_date = base_day + timedelta(days=182)
         due_miles = base_miles + 5_000
         if due_in_days is not None:

@@ -224,7 +224,7 @@ def _with_article(noun: str) -> str:
 
 
 def _service_names(ctx: ToolContext, codes: list[str]) -> list[str]:
-    return [(ctx.profile.service(c).spoken_name if ctx.profile.service(c) else c) for c in codes]
+    return [service.spoken_name if (service := ctx.profile.service(c)) else c for c in codes]
 
 
 def _already_booked(

@@ -48,7 +48,7 @@ def render_system_prompt(
     """
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
-    text = resources.files(__package__).joinpath(f"{scenario}.md").read_text(encoding="utf-8")
+    text = resources.files("bot.prompts").joinpath(f"{scenario}.md").read_text(encoding="utf-8")
     local = now.astimezone(profile.time_zone)
     if session.caller_id_matched and session.customer_first_name:
         caller_line = (
