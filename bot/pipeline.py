@@ -10,12 +10,14 @@ on the phone path.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from loguru import logger
+from openai import APIConnectionError, InternalServerError
 from pipecat.frames.frames import EndFrame, TTSSpeakFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
@@ -39,11 +41,13 @@ from app import metrics
 from app.call_session import CallSession
 from app.pii import mask_phone
 from app.resources import AppResources
+from bot.failures import CallRescue
 from bot.flows import CallFlow
 from bot.prompts import greeting, render_system_prompt
 from bot.turn_models import new_turn_analyzer, new_vad_analyzer
 from crm import calls as crm_calls
 from processors.barge_in import BargeInUserTurnStartStrategy
+from processors.dead_air import DeadAirGuard
 from processors.latency import LatencyObserver
 from processors.session_snapshot import (
     SessionSnapshotProcessor,
@@ -53,14 +57,8 @@ from processors.session_snapshot import (
 from processors.spoken_text import SpokenTextAligner
 from tools.console import make_tool_context
 from tools.customers import identify_caller
-from tools.handoff import is_open
 
 PHONE_SAMPLE_RATE = 8000
-APOLOGY_TRANSFER = "I'm sorry, I'm having trouble on my side right now."
-APOLOGY_CALLBACK = (
-    "I'm sorry, I'm having trouble on my side right now, and our advisors are away. "
-    "I've asked one to call you back when we open. Goodbye."
-)
 IDLE_PROMPT = "Are you still there?"
 IDLE_GOODBYE = "I haven't heard anything, so I'll let you go. Please call back any time. Goodbye."
 
@@ -70,6 +68,10 @@ class CallControl(Protocol):
 
     async def transfer(self, number: str) -> None:
         """Redirect the live call to ``number``; the media stream then ends."""
+        ...
+
+    async def redirect(self, twiml: str) -> None:
+        """Replace the live call's TwiML (e.g. ``<Say>``); the media stream then ends."""
         ...
 
 
@@ -86,16 +88,70 @@ class CallOptions:
     on_worker: Callable[[PipelineWorker], Awaitable[None] | None] | None = None
 
 
+class LLMTimeoutError(TimeoutError):
+    """The LLM produced no token within ``LLM_TIMEOUT_SECS``."""
+
+
+#: Pause before the one retry of a failed LLM request (5xx or connection error).
+LLM_RETRY_DELAY_SECS = 0.2
+
+
+class _TimedStream:
+    """A chat-completion stream whose every chunk must arrive within ``timeout`` seconds.
+
+    Args:
+        stream: The SDK's ``AsyncStream``.
+        first: Its first chunk, already received (``None`` when it was empty).
+        timeout: Longest gap between chunks.
+    """
+
+    def __init__(self, stream: Any, first: Any, timeout: float) -> None:
+        self._stream = stream
+        self._first = first
+        self._timeout = timeout
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[Any]:
+        if self._first is None:
+            return
+        yield self._first
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._stream.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise LLMTimeoutError(f"no LLM token for {self._timeout:g} s") from None
+            yield chunk
+
+    async def close(self) -> None:
+        """Close the HTTP response."""
+        await self._stream.close()
+
+
 class OpenAISharedClientLLMService(OpenAILLMService):
-    """Pipecat's OpenAI LLM service on the process's shared ``AsyncOpenAI`` client.
+    """Pipecat's OpenAI LLM service on the process's shared client, with a deadline.
+
+    A reply's first token must arrive within ``token_timeout`` seconds of the request
+    (retries included), and each later token within ``token_timeout`` of the previous
+    one; otherwise the completion fails with :class:`LLMTimeoutError` and the call's
+    failure policy takes over. A 5xx or connection error is retried once after
+    :data:`LLM_RETRY_DELAY_SECS` when the deadline allows (and the API does not say
+    ``x-should-retry: false``); a 429 is not retried (its ``Retry-After`` is longer than a
+    caller waits).
 
     Args:
         client: The shared client; ``None`` falls back to Pipecat's client per service.
+        token_timeout: Seconds; see above.
         **kwargs: Passed to :class:`OpenAILLMService`.
     """
 
-    def __init__(self, *, client: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *, client: Any = None, token_timeout: float = 5.0, **kwargs: Any) -> None:
         self._shared_client = client
+        self._token_timeout = token_timeout
         super().__init__(**kwargs)
 
     def create_client(self, *args: Any, **kwargs: Any) -> Any:
@@ -103,6 +159,52 @@ class OpenAISharedClientLLMService(OpenAILLMService):
         if self._shared_client is not None:
             return self._shared_client
         return super().create_client(*args, **kwargs)
+
+    async def get_chat_completions(self, context: LLMContext) -> Any:
+        """Start a streamed completion and wait (bounded) for its first chunk."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._token_timeout
+        retried = False
+        while True:
+            stream = None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    stream = await super().get_chat_completions(context)
+                    try:
+                        first = await stream.__anext__()
+                    except StopAsyncIteration:
+                        first = None
+                return _TimedStream(stream, first, self._token_timeout)
+            except TimeoutError:
+                await _close_quietly(stream)
+                raise LLMTimeoutError(
+                    f"no LLM token within {self._token_timeout:g} s of the request"
+                ) from None
+            except (APIConnectionError, InternalServerError) as exc:
+                await _close_quietly(stream)
+                if retried or not _retryable(exc) or loop.time() + LLM_RETRY_DELAY_SECS >= deadline:
+                    raise
+                retried = True
+                logger.warning(f"{self}: retrying the completion after {type(exc).__name__}")
+                await asyncio.sleep(LLM_RETRY_DELAY_SECS)
+            except BaseException:
+                await _close_quietly(stream)
+                raise
+
+
+def _retryable(exc: Exception) -> bool:
+    """Whether the API allows a retry (OpenAI says no with ``x-should-retry: false``)."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    return headers.get("x-should-retry", "").lower() != "false"
+
+
+async def _close_quietly(stream: Any) -> None:
+    if stream is not None:
+        try:
+            await stream.close()
+        except Exception as exc:
+            logger.debug(f"closing an abandoned LLM stream failed: {type(exc).__name__}")
 
 
 def _services(resources: AppResources, system_prompt: str, sample_rate: int):
@@ -131,6 +233,7 @@ def _services(resources: AppResources, system_prompt: str, sample_rate: int):
     )
     llm = OpenAISharedClientLLMService(
         client=resources.clients.openai() if resources.clients else None,
+        token_timeout=settings.llm_timeout_secs,
         api_key=settings.openai_api_key.get_secret_value(),
         base_url=settings.openai_base_url,
         settings=OpenAILLMService.Settings(
@@ -151,6 +254,11 @@ async def run_call(
 ) -> CallSession:
     """Assemble and run the pipeline of one call until it ends.
 
+    Failures never silence the caller (see :mod:`bot.failures`): with Postgres down at
+    the start the caller hears an apology and is transferred (or told what happens next
+    after hours) while the call record waits in :class:`app.pending.PendingWrites`; a
+    service failing mid-call gets an apology and a transfer or callback.
+
     Args:
         transport: Transport of the call (Twilio websocket, SmallWebRTC, test transport).
         session: The call's session (caller number from the telephony layer).
@@ -169,23 +277,29 @@ async def run_call(
         ctx.now = now
     clock = now or (lambda: datetime.now(UTC))
     profile = resources.profile
+    settings = resources.settings
+    incidents: list[str] = []
 
-    async with resources.db.connection() as conn:
-        await crm_calls.start_call(
-            conn, call_sid=session.call_sid, direction=session.direction, scenario=session.scenario
-        )
-    if session.customer_id is None:
-        await identify_caller(ctx)
+    database_up = await _record_call_start(resources, session)
+    if database_up and session.customer_id is None:
+        try:
+            async with asyncio.timeout(settings.db_timeout_secs):
+                await identify_caller(ctx)
+        except Exception as exc:
+            # The caller can still be found and verified by the tools later.
+            logger.warning(
+                f"call {session.call_sid}: caller ID lookup failed: {type(exc).__name__}"
+            )
     logger.info(
         f"call {session.call_sid} {session.direction}/{session.scenario} from "
         f"{mask_phone(session.caller_phone)} starting"
+        + ("" if database_up else " without the database")
     )
 
     system_prompt = render_system_prompt(
         session.scenario, profile=profile, session=session, now=clock()
     )
     stt, llm, tts = _services(resources, system_prompt, options.sample_rate)
-    settings = resources.settings
     latency = LatencyObserver(call_sid=session.call_sid)
     snapshots = SessionSnapshotProcessor(
         call_sid=session.call_sid,
@@ -194,6 +308,7 @@ async def run_call(
             session, latency, last_turns=settings.snapshot_transcript_turns
         ),
     )
+    dead_air = DeadAirGuard(hold_secs=settings.dead_air_hold_secs)
     barge_in = BargeInUserTurnStartStrategy(
         min_words=settings.barge_in_min_words,
         min_speech_secs=settings.barge_in_min_speech_secs,
@@ -220,6 +335,7 @@ async def run_call(
             *options.extra_processors_after_stt,
             aggregators.user(),
             llm,
+            dead_air,  # speaks while the LLM (or a tool) keeps the caller waiting
             tts,
             SpokenTextAligner(),  # sentence text behind its audio: interruptions trim it
             transport.output(),
@@ -240,7 +356,7 @@ async def run_call(
         enable_rtvi=False,
         idle_timeout_secs=options.idle_timeout_secs,
     )
-    state = {"failed": False, "idle_prompts": 0, "transferred": False}
+    state = {"idle_prompts": 0, "flow_started": False}
 
     async def transfer() -> None:
         if call_control is None:
@@ -249,12 +365,10 @@ async def run_call(
             return
         try:
             await call_control.transfer(profile.advisor_transfer_number)
-            state["transferred"] = True
             session.outcome = "transferred"
         except Exception as exc:
             logger.error(f"call {session.call_sid}: transfer failed: {type(exc).__name__}")
-            session.outcome = "failed"
-            await worker.queue_frames([TTSSpeakFrame(APOLOGY_CALLBACK), EndFrame()])
+            await rescue.transfer_failed()
 
     flow = CallFlow(
         ctx=ctx,
@@ -272,9 +386,40 @@ async def run_call(
     )
     flow.manager = manager
 
-    tasks: set[asyncio.Task] = set()
+    async def to_transfer_node() -> None:
+        if state["flow_started"]:
+            await manager.set_node_from_config(flow.transfer_node())
+        else:
+            state["flow_started"] = True
+            await manager.initialize(flow.transfer_node())
+
+    rescue = CallRescue(
+        session=session,
+        profile=profile,
+        pending=resources.pending,
+        clock=clock,
+        queue_frames=worker.queue_frames,
+        transfer_node=to_transfer_node,
+        call_control=call_control,
+        incidents=incidents,
+    )
+
+    tasks: set[asyncio.Task] = set()  # cancelled when the caller hangs up
+    rescues: set[asyncio.Task] = set()  # finished (bounded) even after a hang-up
+
+    def spawn(coro: Awaitable[None], name: str, group: set[asyncio.Task]) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"{name}-{session.call_sid}")
+        group.add(task)
+        task.add_done_callback(group.discard)
 
     async def start_flow() -> None:
+        if not database_up:
+            await rescue.database_down_at_start()
+            return
+        if state["flow_started"]:  # a failure already moved the call to the transfer
+            return
+        state["flow_started"] = True
         await manager.initialize(flow.initial_node())
         session.flow_node = manager.current_node
 
@@ -283,9 +428,7 @@ async def run_call(
         # Setting the first node waits until the greeting has been played. It runs as
         # its own task so a caller hanging up during the greeting is not stuck behind it
         # (the transport waits for its event handlers before it can shut down).
-        task = asyncio.create_task(start_flow(), name=f"flow-start-{session.call_sid}")
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        spawn(start_flow(), "flow-start", tasks)
 
     @transport.event_handler("on_client_disconnected")
     async def on_disconnected(_transport, _client) -> None:
@@ -298,6 +441,8 @@ async def run_call(
         if getattr(message, "content", None):
             session.transcript.append({"role": "caller", "text": message.content})
         state["idle_prompts"] = 0
+        if not rescue.rescued:
+            await dead_air.arm()
 
     @aggregators.assistant().event_handler("on_assistant_turn_stopped")
     async def on_bot_turn(_agg, message) -> None:
@@ -317,32 +462,25 @@ async def run_call(
                 session.outcome = "abandoned"
             await worker.queue_frames([TTSSpeakFrame(IDLE_GOODBYE), EndFrame()])
 
+    tts_health = _TTSHealth(tts)
+
     @worker.event_handler("on_pipeline_error")
     async def on_error(_worker, frame) -> None:
         # Any service error mid-call (LLM, STT or TTS socket, database): the caller hears
         # an apology and goes to a person. Pipecat's Deepgram STT says it will reconnect
         # after a dropped socket, but that is not guaranteed to happen in time, and a
-        # caller who cannot be heard must not be left talking to nobody.
-        if state["failed"]:
+        # caller who cannot be heard must not be left talking to nobody. When the TTS is
+        # what failed and does not come back at once, Twilio says the sentence instead.
+        if rescue.rescued:
             return
-        state["failed"] = True
-        logger.error(f"call {session.call_sid}: service failure: {frame.error}")
-        session.outcome = "failed"
-        if is_open(profile, clock()):
-            # The apology first, then the transfer node's own sentence and the redirect.
-            await worker.queue_frame(TTSSpeakFrame(APOLOGY_TRANSFER))
-            await manager.set_node_from_config(flow.transfer_node())
-        else:
-            async with resources.db.connection() as conn:
-                await crm_calls.add_callback_request(
-                    conn,
-                    call_sid=session.call_sid,
-                    customer_id=session.customer_id,
-                    phone=session.caller_phone,
-                    reason="service failure during call",
-                )
-            session.outcome = "callback_requested"
-            await worker.queue_frames([TTSSpeakFrame(APOLOGY_CALLBACK), EndFrame()])
+        source = getattr(frame, "processor", None)
+        what = _service_name(source, stt=stt, llm=llm, tts=tts)
+        logger.error(f"call {session.call_sid}: {what} failure: {frame.error}")
+        await dead_air.disarm()
+        alive = tts_health.alive if source is tts else None
+        if source is tts:
+            tts_health.mark_failed()
+        spawn(rescue.service_failed(what=what, tts_alive=alive), "rescue", rescues)
 
     if options.on_worker is not None:
         maybe = options.on_worker(worker)
@@ -359,32 +497,132 @@ async def run_call(
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if rescues:
+            # Bounded: their database writes time out and queue instead.
+            await asyncio.wait(list(rescues), timeout=5)
         session.turn_metrics = latency.to_json()
-        await _finish(resources, session)
+        await _finish(resources, session, incidents=incidents)
         metrics.call_finished(session.direction, session.outcome)
     return session
 
 
-async def _finish(resources: AppResources, session: CallSession) -> None:
+class _TTSHealth:
+    """Whether the TTS socket came back after an error (Pipecat reconnects it at once).
+
+    Args:
+        tts: The call's TTS service.
+    """
+
+    def __init__(self, tts: Any) -> None:
+        self._tts = tts
+        self._refused = asyncio.Event()
+
+        @tts.event_handler("on_connection_error")
+        async def on_connection_error(_service, _error) -> None:
+            self._refused.set()
+
+    def mark_failed(self) -> None:
+        """An error came from the TTS: forget earlier connection errors."""
+        self._refused.clear()
+
+    def _socket_open(self) -> bool:
+        # Pipecat 1.14 keeps the socket in ``_websocket``; a new, open one means the
+        # reconnect after the drop worked.
+        from websockets.protocol import State
+
+        ws = getattr(self._tts, "_websocket", None)
+        return ws is not None and getattr(ws, "state", None) is State.OPEN
+
+    async def alive(self) -> bool:
+        """Wait briefly for the TTS to reconnect; False when it is refused or too slow."""
+        from bot.failures import TTS_RECOVERY_SECS
+
+        deadline = time.monotonic() + TTS_RECOVERY_SECS
+        await asyncio.sleep(0.05)  # the error is reported before the reconnect starts
+        while time.monotonic() < deadline:
+            if self._refused.is_set():
+                return False
+            if self._socket_open():
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+
+def _service_name(source: Any, *, stt: Any, llm: Any, tts: Any) -> str:
+    if source is stt:
+        return "speech recognition"
+    if source is llm:
+        return "llm"
+    if source is tts:
+        return "speech synthesis"
+    return type(source).__name__ if source is not None else "pipeline"
+
+
+async def _record_call_start(resources: AppResources, session: CallSession) -> bool:
+    """Create the ``calls`` row; False (and the write queued) when Postgres is down."""
+
+    async def write(conn: Any) -> None:
+        await crm_calls.start_call(
+            conn,
+            call_sid=session.call_sid,
+            direction=session.direction,
+            scenario=session.scenario,
+            started_at=session.started_at,
+        )
+
+    if resources.pending is not None:
+        return await resources.pending.write(
+            call_sid=session.call_sid, what="call start", write=write
+        )
+    try:
+        async with asyncio.timeout(resources.settings.db_timeout_secs):
+            async with resources.db.connection() as conn:
+                await write(conn)
+    except Exception as exc:
+        logger.error(f"call {session.call_sid}: call start not recorded: {type(exc).__name__}")
+        return False
+    return True
+
+
+async def _finish(
+    resources: AppResources, session: CallSession, *, incidents: list[str] | None = None
+) -> None:
     if session.outcome is None:
         session.outcome = "abandoned" if not session.transcript else "info"
     summary = (
         f"{session.direction} {session.scenario} call; outcome {session.outcome}; "
         f"verified={session.verified}; appointments={session.appointment_ids}"
     )
-    try:
-        async with resources.db.connection() as conn:
-            await crm_calls.finish_call(
-                conn,
-                call_sid=session.call_sid,
-                customer_id=session.customer_id,
-                verified=session.verified,
-                outcome=session.outcome,
-                transcript=session.transcript,
-                turn_metrics=session.turn_metrics,
-                summary=summary,
-                appointment_ids=session.appointment_ids,
+    if incidents:
+        summary += "; incidents: " + ", ".join(incidents)
+    ended_at = datetime.now(UTC)
+
+    async def write(conn: Any) -> None:
+        await crm_calls.finish_call(
+            conn,
+            call_sid=session.call_sid,
+            direction=session.direction,
+            scenario=session.scenario,
+            started_at=session.started_at,
+            ended_at=ended_at,
+            customer_id=session.customer_id,
+            verified=session.verified,
+            outcome=session.outcome,
+            transcript=session.transcript,
+            turn_metrics=session.turn_metrics,
+            summary=summary,
+            appointment_ids=session.appointment_ids,
+        )
+
+    if resources.pending is not None:
+        await resources.pending.write(call_sid=session.call_sid, what="call record", write=write)
+    else:
+        try:
+            async with asyncio.timeout(resources.settings.db_timeout_secs):
+                async with resources.db.connection() as conn:
+                    await write(conn)
+        except Exception as exc:
+            logger.error(
+                f"call {session.call_sid}: could not record call end: {type(exc).__name__}"
             )
-    except Exception as exc:
-        logger.error(f"call {session.call_sid}: could not record call end: {type(exc).__name__}")
     logger.info(f"call {session.call_sid} ended: {session.outcome}")

@@ -50,6 +50,7 @@ def make_tool_context(
         profile=resources.profile,
         calendar=make_calendar(resources),
         now=(lambda: now) if now else None,
+        pending=resources.pending,
     )
 
 

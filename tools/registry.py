@@ -52,6 +52,7 @@ class ToolContext:
     calendar: Any = None  # scheduling.calendar.Calendar
     now: Callable[[], Any] | None = None
     durations: list[tuple[str, float, bool]] = field(default_factory=list)
+    pending: Any = None  # app.pending.PendingWrites: writes that wait out a DB outage
 
 
 @dataclass(frozen=True)

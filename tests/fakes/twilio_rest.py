@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,12 +76,14 @@ class FakeTwilioREST:
         auth_token: Expected auth token.
         create_delay: Seconds each create takes (while counted in flight).
         requests: Authenticated requests as ``(method, path, form)``.
+        request_times: Monotonic arrival time of each of ``requests``.
         form_lists: Per request, every form field with all its values.
         calls: Calls by SID, as last returned (JSON dict).
         created: SIDs of created calls, in order.
         in_flight: Creates being served right now.
         max_in_flight: Highest ``in_flight`` observed.
         auth_failures: Requests rejected with 401.
+        update_failures_served: Call updates answered with a scripted error.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class FakeTwilioREST:
         self.create_delay = create_delay
         self.base_url = ""
         self.requests: list[RecordedRequest] = []
+        self.request_times: list[float] = []
         self.form_lists: list[dict[str, list[str]]] = []
         self.calls: dict[str, dict[str, Any]] = {}
         self.created: list[str] = []
@@ -109,6 +113,8 @@ class FakeTwilioREST:
         self.max_in_flight = 0
         self.auth_failures = 0
         self._create_failures: list[TwilioError] = []
+        self._update_failures: list[TwilioError] = []
+        self.update_failures_served = 0
         self._runner: web.AppRunner | None = None
 
     def fail_next_creates(
@@ -128,6 +134,24 @@ class FakeTwilioREST:
             message: Error message.
         """
         self._create_failures.extend(TwilioError(status, code, message) for _ in range(count))
+
+    def fail_next_updates(
+        self,
+        count: int = 1,
+        *,
+        status: int = 500,
+        code: int = 20500,
+        message: str = "An internal server error has occurred",
+    ) -> None:
+        """Makes the next ``count`` call updates (redirects, hang-ups) fail (Twilio down).
+
+        Args:
+            count: Number of updates to fail.
+            status: HTTP status.
+            code: Twilio error code.
+            message: Error message.
+        """
+        self._update_failures.extend(TwilioError(status, code, message) for _ in range(count))
 
     def requests_to(self, method: str, suffix: str) -> list[RecordedRequest]:
         """Recorded requests with this method whose path ends with ``suffix``.
@@ -203,6 +227,7 @@ class FakeTwilioREST:
         for key, value in pairs:
             lists.setdefault(key, []).append(value)
         self.requests.append(RecordedRequest(request.method, request.path, form))
+        self.request_times.append(time.monotonic())
         self.form_lists.append(lists)
         if request.match_info["account"] != self.account_sid:
             return self._error(404, 20404, "The requested resource was not found")
@@ -282,6 +307,10 @@ class FakeTwilioREST:
         form = await self._record(request)
         if isinstance(form, web.Response):
             return form
+        if self._update_failures:
+            err = self._update_failures.pop(0)
+            self.update_failures_served += 1
+            return self._error(err.status, err.code, err.message)
         sid = request.match_info["call"]
         call = self.calls.get(sid)
         if call is None:
