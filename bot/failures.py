@@ -38,6 +38,9 @@ CALL_BACK_AFTER_HOURS = (
     "I'm sorry, I'm having trouble on my side right now, and our advisors are away. "
     "Please call us back when we open. Goodbye."
 )
+OUTBOUND_CALL_AGAIN = (
+    "I'm sorry, I'm having trouble on my side right now, so we'll call you another time. Goodbye."
+)
 TRANSFER_FAILED_CALLBACK = (
     "I'm sorry, I couldn't reach an advisor just now. I've asked one to call you back "
     "as soon as possible. Goodbye."
@@ -193,6 +196,11 @@ class CallRescue:
         self.rescued = True
         self.session.outcome = "failed"
         self.incidents.append("database unreachable at call start")
+        if self.session.direction == "outbound":
+            # We called them; an apology and a goodbye (the campaign tries again later).
+            hello = f"Hi, this is the AI assistant from {self.profile.name} service. "
+            await self._queue_frames([TTSSpeakFrame(hello + OUTBOUND_CALL_AGAIN), EndFrame()])
+            return
         hello = f"Thanks for calling {self.profile.name} service. "
         if self.open_now:
             await self._queue_frames([TTSSpeakFrame(hello + APOLOGY)])

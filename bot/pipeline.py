@@ -10,6 +10,8 @@ on the phone path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 from openai import APIConnectionError, InternalServerError
-from pipecat.frames.frames import EndFrame, TTSSpeakFrame
+from pipecat.frames.frames import EndFrame, LLMUpdateSettingsFrame, TTSSpeakFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -280,24 +282,9 @@ async def run_call(
     settings = resources.settings
     incidents: list[str] = []
 
-    database_up = await _record_call_start(resources, session)
-    if database_up and session.customer_id is None:
-        try:
-            async with asyncio.timeout(settings.db_timeout_secs):
-                await identify_caller(ctx)
-        except Exception as exc:
-            # The caller can still be found and verified by the tools later.
-            logger.warning(
-                f"call {session.call_sid}: caller ID lookup failed: {type(exc).__name__}"
-            )
-    logger.info(
-        f"call {session.call_sid} {session.direction}/{session.scenario} from "
-        f"{mask_phone(session.caller_phone)} starting"
-        + ("" if database_up else " without the database")
-    )
-
+    prompt_session = dataclasses.replace(session)  # who we know before the lookup
     system_prompt = render_system_prompt(
-        session.scenario, profile=profile, session=session, now=clock()
+        session.scenario, profile=profile, session=prompt_session, now=clock()
     )
     stt, llm, tts = _services(resources, system_prompt, options.sample_rate)
     latency = LatencyObserver(call_sid=session.call_sid)
@@ -373,7 +360,7 @@ async def run_call(
     flow = CallFlow(
         ctx=ctx,
         scenario=session.scenario,
-        greeting=greeting(session.scenario, profile=profile, session=session),
+        greeting="",  # set once the caller ID lookup is done
         transfer=transfer,
     )
     from pipecat.flows import FlowManager
@@ -414,9 +401,26 @@ async def run_call(
         task.add_done_callback(group.discard)
 
     async def start_flow() -> None:
+        database_up = await opening
+        logger.info(
+            f"call {session.call_sid} {session.direction}/{session.scenario} from "
+            f"{mask_phone(session.caller_phone)} starting"
+            + ("" if database_up else " without the database")
+        )
         if not database_up:
             await rescue.database_down_at_start()
             return
+        if session.customer_id != prompt_session.customer_id:
+            # The lookup found the caller: the prompt says whom caller ID matched.
+            prompt = render_system_prompt(
+                session.scenario, profile=profile, session=session, now=clock()
+            )
+            await worker.queue_frame(
+                LLMUpdateSettingsFrame(
+                    delta=OpenAILLMService.Settings(system_instruction=prompt), service=llm
+                )
+            )
+        flow.greeting = greeting(session.scenario, profile=profile, session=session)
         if state["flow_started"]:  # a failure already moved the call to the transfer
             return
         state["flow_started"] = True
@@ -489,10 +493,18 @@ async def run_call(
 
     runner = WorkerRunner(handle_sigint=False)
     metrics.call_started()
+    # The call's row and the caller ID lookup run while the pipeline starts (Deepgram
+    # sockets); the flow waits for them before the greeting. With Postgres down they
+    # give up after DB_TIMEOUT_SECS and the caller hears the apology instead.
+    opening = asyncio.ensure_future(_open_call(resources, session, ctx))
     try:
         await runner.add_workers(worker)
         await runner.run()
     finally:
+        if not opening.done():
+            opening.cancel()
+        with contextlib.suppress(BaseException):
+            await opening
         for task in list(tasks):
             task.cancel()
         if tasks:
@@ -515,15 +527,16 @@ class _TTSHealth:
 
     def __init__(self, tts: Any) -> None:
         self._tts = tts
-        self._refused = asyncio.Event()
+        self._refused_at = 0.0
+        self._failed_at = 0.0
 
         @tts.event_handler("on_connection_error")
         async def on_connection_error(_service, _error) -> None:
-            self._refused.set()
+            self._refused_at = time.monotonic()
 
     def mark_failed(self) -> None:
-        """An error came from the TTS: forget earlier connection errors."""
-        self._refused.clear()
+        """An error came from the TTS (its reconnect may already have been refused)."""
+        self._failed_at = time.monotonic()
 
     def _socket_open(self) -> bool:
         # Pipecat 1.14 keeps the socket in ``_websocket``; a new, open one means the
@@ -540,7 +553,9 @@ class _TTSHealth:
         deadline = time.monotonic() + TTS_RECOVERY_SECS
         await asyncio.sleep(0.05)  # the error is reported before the reconnect starts
         while time.monotonic() < deadline:
-            if self._refused.is_set():
+            # A refusal within a second before the error reached us belongs to this drop
+            # (the reconnect is tried, and refused, before the error is handled).
+            if self._refused_at > self._failed_at - 1.0:
                 return False
             if self._socket_open():
                 return True
@@ -556,6 +571,22 @@ def _service_name(source: Any, *, stt: Any, llm: Any, tts: Any) -> str:
     if source is tts:
         return "speech synthesis"
     return type(source).__name__ if source is not None else "pipeline"
+
+
+async def _open_call(resources: AppResources, session: CallSession, ctx: Any) -> bool:
+    """Record the call's start and look the caller up; False when Postgres is down."""
+    if not await _record_call_start(resources, session):
+        return False
+    if session.customer_id is None:
+        try:
+            async with asyncio.timeout(resources.settings.db_timeout_secs):
+                await identify_caller(ctx)
+        except Exception as exc:
+            # The caller can still be found and verified by the tools later.
+            logger.warning(
+                f"call {session.call_sid}: caller ID lookup failed: {type(exc).__name__}"
+            )
+    return True
 
 
 async def _record_call_start(resources: AppResources, session: CallSession) -> bool:

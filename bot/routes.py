@@ -236,7 +236,11 @@ async def twilio_media(websocket: WebSocket) -> None:
         scenario=params.get("scenario") or "inbound",
     )
     if customer_id and customer_id.isdigit():
-        await _preload_customer(resources, session, int(customer_id))
+        try:  # Postgres down: the call still starts (and apologises); see bot/failures.py
+            async with asyncio.timeout(settings.db_timeout_secs):
+                await _preload_customer(resources, session, int(customer_id))
+        except Exception as exc:
+            logger.warning(f"call {call_sid}: customer not preloaded: {type(exc).__name__}")
     registry = getattr(websocket.app.state, "active_calls", None)
     if registry is not None:
         registry[call_sid] = session

@@ -64,7 +64,11 @@ async def transfer_to_advisor(
             "transferring": True,
             "say": "I'll connect you with a service advisor now. One moment please.",
         }
-    given = normalize_phone(str(callback_number)[:40]) if callback_number else None
+    given = (
+        crm_calls.callback_number(normalize_phone(str(callback_number)[:40]))
+        if callback_number
+        else None
+    )
     caller_id = crm_calls.callback_number(session.caller_phone)
     phone = given or caller_id
     request_id = await _record_callback(ctx, phone=phone, reason=reason, now=now)

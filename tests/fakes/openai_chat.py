@@ -218,7 +218,7 @@ class FakeOpenAI:
         requests: Every request body (parsed JSON), in arrival order.
         request_times: Monotonic arrival time of each request.
         responses: The step served for each request, in order.
-        disconnects: Requests whose client went away before the answer was complete.
+        disconnects: Stalled requests whose client went away during the stall.
         first_token_delay: Seconds between the response headers and the first chunk.
         chunk_delay: Seconds between later chunks.
         api_key: When set, requests must carry ``Authorization: Bearer <api_key>``.
@@ -333,11 +333,8 @@ class FakeOpenAI:
         stalled_after_headers = 0.0
         if isinstance(step, Stall):
             if step.before_headers:
-                try:
-                    await asyncio.sleep(step.secs)
-                except asyncio.CancelledError:
-                    self.disconnects += 1
-                    raise
+                if not await self._stall(request, step.secs):
+                    raise ConnectionResetError("client went away during the stall")
             else:
                 stalled_after_headers = step.secs
             step = step.then or Say(DEFAULT_REPLY)
@@ -360,11 +357,22 @@ class FakeOpenAI:
         model = str(body.get("model") or "gpt-4o")
         if not body.get("stream"):
             return web.json_response(self._completion(step, model, body))
-        try:
-            return await self._stream(request, step, model, body, stall=stalled_after_headers)
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.disconnects += 1
-            raise
+        return await self._stream(request, step, model, body, stall=stalled_after_headers)
+
+    async def _stall(self, request: web.Request, secs: float) -> bool:
+        """Waits ``secs`` unless the client goes away first (counted in ``disconnects``).
+
+        Returns:
+            Whether the client is still connected.
+        """
+        deadline = time.monotonic() + secs
+        while time.monotonic() < deadline:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                self.disconnects += 1
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     def _completion(self, step: Say | ToolCalls, model: str, body: dict[str, Any]) -> dict:
         """Builds a non-streaming ``chat.completion`` object."""
@@ -417,8 +425,8 @@ class FakeOpenAI:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
         )
         await response.prepare(request)
-        if stall > 0:
-            await asyncio.sleep(stall)
+        if stall > 0 and not await self._stall(request, stall):
+            raise ConnectionResetError("client went away during the stall")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:29]}"
         created = int(time.time())

@@ -24,7 +24,7 @@ from typing import Literal
 CutMode = Literal["refuse", "blackhole"]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pair:
     """One proxied connection: the client's writer and the upstream writer."""
 
@@ -174,6 +174,8 @@ class TcpProxy:
         self.cut_at = time.monotonic()
         if mode == "refuse":
             await self._close_listener()
+        elif self._server is None:
+            await self._listen()
         self._kill_all()
 
     async def restore(self) -> None:
