@@ -191,17 +191,21 @@ class CallRescue:
         # The reason is what the advisors read in their callback list.
         await self._goodbye_after_hours(reason="service failure during call")
 
-    async def database_down_at_start(self) -> None:
-        """Postgres was unreachable as the call started: no CRM, so no conversation."""
+    async def database_down_at_start(self, *, hello: str) -> None:
+        """Postgres was unreachable as the call started: no CRM, so no conversation.
+
+        Args:
+            hello: The greeting's first sentence ("Thanks for calling … service."), or
+                "" when it was already said while the database was awaited.
+        """
         self.rescued = True
         self.session.outcome = "failed"
         self.incidents.append("database unreachable at call start")
+        hello = f"{hello} " if hello else ""
         if self.session.direction == "outbound":
             # We called them; an apology and a goodbye (the campaign tries again later).
-            hello = f"Hi, this is the AI assistant from {self.profile.name} service. "
             await self._queue_frames([TTSSpeakFrame(hello + OUTBOUND_CALL_AGAIN), EndFrame()])
             return
-        hello = f"Thanks for calling {self.profile.name} service. "
         if self.open_now:
             await self._queue_frames([TTSSpeakFrame(hello + APOLOGY)])
             await self._transfer_node()

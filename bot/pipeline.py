@@ -253,6 +253,7 @@ async def run_call(
     call_control: CallControl | None = None,
     options: CallOptions | None = None,
     now: Callable[[], datetime] | None = None,
+    customer_id: int | None = None,
 ) -> CallSession:
     """Assemble and run the pipeline of one call until it ends.
 
@@ -269,6 +270,8 @@ async def run_call(
             after the transfer sentence.
         options: Pipeline knobs.
         now: Clock for prompts and tools (tests); real time when omitted.
+        customer_id: The CRM customer an outbound call is for (loaded as the call starts;
+            the session's caller-ID match is decided against its phone).
 
     Returns:
         The session, with outcome and transcript filled in.
@@ -288,9 +291,10 @@ async def run_call(
     )
     stt, llm, tts = _services(resources, system_prompt, options.sample_rate)
     latency = LatencyObserver(call_sid=session.call_sid)
+    snapshot_store = SnapshotStore(resources.redis, ttl_secs=settings.snapshot_ttl_secs)
     snapshots = SessionSnapshotProcessor(
         call_sid=session.call_sid,
-        store=SnapshotStore(resources.redis, ttl_secs=settings.snapshot_ttl_secs),
+        store=snapshot_store,
         provider=lambda: session_snapshot(
             session, latency, last_turns=settings.snapshot_transcript_turns
         ),
@@ -401,14 +405,25 @@ async def run_call(
         task.add_done_callback(group.discard)
 
     async def start_flow() -> None:
-        database_up = await opening
+        # The greeting's first sentence is the same whoever calls; when the database is
+        # slow to answer it is said while we wait, so the caller never hears silence.
+        hello = _first_sentence(
+            greeting(session.scenario, profile=profile, session=_anonymous(session))
+        )
+        said_hello = False
+        try:
+            database_up = await asyncio.wait_for(asyncio.shield(opening), OPENING_WAIT_SECS)
+        except TimeoutError:
+            await worker.queue_frame(TTSSpeakFrame(hello))
+            said_hello = True
+            database_up = await opening
         logger.info(
             f"call {session.call_sid} {session.direction}/{session.scenario} from "
             f"{mask_phone(session.caller_phone)} starting"
             + ("" if database_up else " without the database")
         )
         if not database_up:
-            await rescue.database_down_at_start()
+            await rescue.database_down_at_start(hello="" if said_hello else hello)
             return
         if session.customer_id != prompt_session.customer_id:
             # The lookup found the caller: the prompt says whom caller ID matched.
@@ -421,6 +436,13 @@ async def run_call(
                 )
             )
         flow.greeting = greeting(session.scenario, profile=profile, session=session)
+        if said_hello:
+            rest = flow.greeting.removeprefix(hello)
+            if rest == flow.greeting:  # personalised ("Hi Maria, thanks..."): the plain one
+                rest = greeting(
+                    session.scenario, profile=profile, session=_anonymous(session)
+                ).removeprefix(hello)
+            flow.greeting = rest.strip()
         if state["flow_started"]:  # a failure already moved the call to the transfer
             return
         state["flow_started"] = True
@@ -496,7 +518,7 @@ async def run_call(
     # The call's row and the caller ID lookup run while the pipeline starts (Deepgram
     # sockets); the flow waits for them before the greeting. With Postgres down they
     # give up after DB_TIMEOUT_SECS and the caller hears the apology instead.
-    opening = asyncio.ensure_future(_open_call(resources, session, ctx))
+    opening = asyncio.ensure_future(_open_call(resources, session, ctx, customer_id))
     try:
         await runner.add_workers(worker)
         await runner.run()
@@ -515,7 +537,45 @@ async def run_call(
         session.turn_metrics = latency.to_json()
         await _finish(resources, session, incidents=incidents)
         metrics.call_finished(session.direction, session.outcome)
+        if snapshots.failures:
+            # Redis was down at some point: make sure the call leaves the active set.
+            _finish_snapshot_later(snapshot_store, session.call_sid)
     return session
+
+
+#: Background tasks that take finished calls out of Redis's active set once Redis is back.
+_SNAPSHOT_FINISHERS: set[asyncio.Task] = set()
+SNAPSHOT_FINISH_RETRY_SECS = 600.0
+
+
+def _finish_snapshot_later(store: SnapshotStore, call_sid: str) -> None:
+    """Mark the call finished in Redis, retrying in the background while Redis is down.
+
+    The snapshot processor's own last write gives up after a couple of seconds; without
+    this a call that ended during a Redis outage stayed in ``voice_agent:calls:active``.
+    """
+
+    async def finish() -> None:
+        delay = 0.5
+        deadline = time.monotonic() + SNAPSHOT_FINISH_RETRY_SECS
+        while True:
+            try:
+                await asyncio.wait_for(store.finish(call_sid), 2)
+                return
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
+                    logger.error(
+                        f"call {call_sid}: still listed as active in Redis, which stayed "
+                        f"unreachable ({type(exc).__name__})"
+                    )
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    task = asyncio.ensure_future(finish())
+    task.set_name(f"snapshot-finish-{call_sid}")
+    _SNAPSHOT_FINISHERS.add(task)
+    task.add_done_callback(_SNAPSHOT_FINISHERS.discard)
 
 
 class _TTSHealth:
@@ -573,20 +633,56 @@ def _service_name(source: Any, *, stt: Any, llm: Any, tts: Any) -> str:
     return type(source).__name__ if source is not None else "pipeline"
 
 
-async def _open_call(resources: AppResources, session: CallSession, ctx: Any) -> bool:
-    """Record the call's start and look the caller up; False when Postgres is down."""
+#: How long the greeting waits for the call's database work before its first sentence is
+#: said anyway (the rest follows once the database answers or gives up).
+OPENING_WAIT_SECS = 0.4
+
+
+def _anonymous(session: CallSession) -> CallSession:
+    """A copy of the session that knows nothing about the caller (for the plain greeting)."""
+    return CallSession(
+        call_sid=session.call_sid,
+        caller_phone=session.caller_phone,
+        direction=session.direction,
+        scenario=session.scenario,
+    )
+
+
+def _first_sentence(text: str) -> str:
+    end = text.find(". ")
+    return text[: end + 1] if end >= 0 else text
+
+
+async def _open_call(
+    resources: AppResources, session: CallSession, ctx: Any, customer_id: int | None
+) -> bool:
+    """Record the call's start and find the customer; False when Postgres is down."""
     if not await _record_call_start(resources, session):
         return False
-    if session.customer_id is None:
-        try:
-            async with asyncio.timeout(resources.settings.db_timeout_secs):
+    try:
+        async with asyncio.timeout(resources.settings.db_timeout_secs):
+            if customer_id is not None:
+                await _load_customer(resources, session, customer_id)
+            elif session.customer_id is None:
                 await identify_caller(ctx)
-        except Exception as exc:
-            # The caller can still be found and verified by the tools later.
-            logger.warning(
-                f"call {session.call_sid}: caller ID lookup failed: {type(exc).__name__}"
-            )
+    except Exception as exc:
+        # The caller can still be found and verified by the tools later.
+        logger.warning(f"call {session.call_sid}: customer lookup failed: {type(exc).__name__}")
     return True
+
+
+async def _load_customer(resources: AppResources, session: CallSession, cid: int) -> None:
+    """The customer an outbound call is for; caller ID matches when we dialled their phone."""
+    from crm.customers import get_identity
+
+    async with resources.db.connection() as conn:
+        identity = await get_identity(conn, cid)
+    if identity is not None:
+        session.match_customer(
+            customer_id=identity.id,
+            first_name=identity.first_name,
+            caller_id=identity.phone == session.caller_phone,
+        )
 
 
 async def _record_call_start(resources: AppResources, session: CallSession) -> bool:

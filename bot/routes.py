@@ -235,12 +235,6 @@ async def twilio_media(websocket: WebSocket) -> None:
         direction="outbound" if params.get("direction") == "outbound" else "inbound",
         scenario=params.get("scenario") or "inbound",
     )
-    if customer_id and customer_id.isdigit():
-        try:  # Postgres down: the call still starts (and apologises); see bot/failures.py
-            async with asyncio.timeout(settings.db_timeout_secs):
-                await _preload_customer(resources, session, int(customer_id))
-        except Exception as exc:
-            logger.warning(f"call {call_sid}: customer not preloaded: {type(exc).__name__}")
     registry = getattr(websocket.app.state, "active_calls", None)
     if registry is not None:
         registry[call_sid] = session
@@ -251,6 +245,8 @@ async def twilio_media(websocket: WebSocket) -> None:
             resources=resources,
             call_control=tw.TwilioCallControl(settings, call_sid, serializer),
             options=_call_options(websocket),
+            # Loaded by the call itself, so a database outage cannot stop it starting.
+            customer_id=int(customer_id) if customer_id and customer_id.isdigit() else None,
         )
     except Exception as exc:
         logger.opt(exception=exc).error(f"call {call_sid} crashed: {type(exc).__name__}")
@@ -273,19 +269,6 @@ async def twilio_media(websocket: WebSocket) -> None:
 def _call_options(websocket: WebSocket):
     factory = getattr(websocket.app.state, "call_options_factory", None)
     return factory() if factory else None
-
-
-async def _preload_customer(resources: AppResources, session: CallSession, cid: int) -> None:
-    from crm.customers import get_identity
-
-    async with resources.db.connection() as conn:
-        identity = await get_identity(conn, cid)
-    if identity is not None:
-        session.match_customer(
-            customer_id=identity.id,
-            first_name=identity.first_name,
-            caller_id=identity.phone == session.caller_phone,
-        )
 
 
 async def _hang_up_after_crash(settings, call_sid: str) -> None:
