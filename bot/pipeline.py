@@ -347,7 +347,7 @@ async def run_call(
         enable_rtvi=False,
         idle_timeout_secs=options.idle_timeout_secs,
     )
-    state = {"idle_prompts": 0, "flow_started": False}
+    state = {"idle_prompts": 0, "flow_started": False, "failing": False}
 
     async def transfer() -> None:
         if call_control is None:
@@ -497,8 +497,9 @@ async def run_call(
         # after a dropped socket, but that is not guaranteed to happen in time, and a
         # caller who cannot be heard must not be left talking to nobody. When the TTS is
         # what failed and does not come back at once, Twilio says the sentence instead.
-        if rescue.rescued:
+        if rescue.rescued or state["failing"]:
             return
+        state["failing"] = True
         source = getattr(frame, "processor", None)
         what = _service_name(source, stt=stt, llm=llm, tts=tts)
         logger.error(f"call {session.call_sid}: {what} failure: {frame.error}")

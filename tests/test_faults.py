@@ -248,6 +248,8 @@ async def test_stt_socket_drop(crm_db: str, redis_server_url: str, open_profile:
         await client.wait_for_bot_audio(min_seconds=0.2, timeout=20)
         await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
         spoken = len(agent.tts.texts)
+        # A prompt answer needs no "One moment, please."
+        assert [t.strip() for t in agent.tts.texts[1:]] == ["Sure, I can help with that."]
         fault_at = time.monotonic()
         assert await agent.stt.drop() == 1  # Deepgram closes the socket (1011)
         heard_at = await first_words_after(client, fault_at)
