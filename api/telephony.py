@@ -358,8 +358,11 @@ async def _close(websocket: WebSocket, code: int) -> None:
 async def _admit_stream(resources: AppResources, websocket: WebSocket) -> StreamAdmission:
     """Check the start message, the token, its single use and the call's single stream.
 
+    While Redis is unreachable the single-use and one-stream checks cannot run: the
+    stream is admitted on its signed token alone (and a warning is logged).
+
     Raises:
-        StreamRefused: The stream must be closed (1008; 1013 while Redis is unreachable).
+        StreamRefused: The stream must be closed (1008).
     """
     settings = resources.settings
     start = await _read_start(websocket)
@@ -373,9 +376,13 @@ async def _admit_stream(resources: AppResources, websocket: WebSocket) -> Stream
         if not await marker.acquire():
             raise StreamRefused("the call already has a live stream or has ended")
     except (RedisError, OSError) as exc:
-        raise StreamRefused(
-            f"Redis unreachable ({type(exc).__name__})", code=WS_TRY_AGAIN_LATER
-        ) from None
+        # Availability over replay protection while Redis is down: the token is still
+        # signed, bound to this call and its parameters, and expires within minutes, and
+        # a caller must never be left in silence (the fault rule). Logged, not hidden.
+        logger.warning(
+            f"call {start.call_sid}: stream admitted without the single-use and one-stream "
+            f"checks: Redis unreachable ({type(exc).__name__})"
+        )
     return StreamAdmission(start=start, claims=token.claims, marker=marker)
 
 
@@ -429,9 +436,6 @@ async def twilio_media(websocket: WebSocket) -> None:
         direction="outbound" if claims.direction == "outbound" else "inbound",
         scenario=claims.scenario,
     )
-    customer_id = tw.parse_id(claims.customer_id)
-    if customer_id is not None:
-        await _preload_customer(resources, session, customer_id)
     registry = getattr(websocket.app.state, "active_calls", None)
     if registry is not None:
         registry[call_sid] = session
@@ -443,6 +447,8 @@ async def twilio_media(websocket: WebSocket) -> None:
             resources=resources,
             call_control=tw.TwilioCallControl(settings, call_sid, serializer),
             options=_call_options(websocket),
+            # Loaded by the call itself, so a database outage cannot stop it starting.
+            customer_id=tw.parse_id(claims.customer_id),
         )
     except Exception as exc:
         logger.opt(exception=exc).error(f"call {call_sid} crashed: {type(exc).__name__}")
@@ -472,23 +478,6 @@ async def twilio_media(websocket: WebSocket) -> None:
 def _call_options(websocket: WebSocket):
     factory = getattr(websocket.app.state, "call_options_factory", None)
     return factory() if factory else None
-
-
-async def _preload_customer(resources: AppResources, session: CallSession, cid: int) -> None:
-    from crm.customers import get_identity
-
-    try:
-        async with resources.db.connection() as conn:
-            identity = await get_identity(conn, cid)
-    except Exception as exc:  # the call goes on; the bot identifies the caller itself
-        logger.warning(f"call {session.call_sid}: customer not preloaded: {type(exc).__name__}")
-        return
-    if identity is not None:
-        session.match_customer(
-            customer_id=identity.id,
-            first_name=identity.first_name,
-            caller_id=identity.phone == session.caller_phone,
-        )
 
 
 async def _hang_up_after_crash(settings, call_sid: str) -> None:

@@ -18,7 +18,10 @@ import httpx
 import redis.asyncio as aioredis
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
+from core.pending import PendingWrites
 from core.profile import DealershipProfile, load_profile
 from core.settings import Settings
 
@@ -51,6 +54,9 @@ class SharedClients:
             self._openai = AsyncOpenAI(
                 api_key=self._settings.openai_api_key.get_secret_value(),
                 base_url=self._settings.openai_base_url,
+                # The LLM service retries itself, within LLM_TIMEOUT_SECS: the SDK's own
+                # retries would sleep through a 429's Retry-After while the caller waits.
+                max_retries=0,
                 http_client=DefaultAsyncHttpxClient(
                     limits=httpx.Limits(
                         max_keepalive_connections=50, max_connections=500, keepalive_expiry=60
@@ -78,6 +84,76 @@ class AppResources:
     redis_url: str
     embedded: list[object] = field(default_factory=list)
     clients: SharedClients | None = None
+    pending: PendingWrites | None = None
+
+
+#: Seconds a failed reconnection keeps being retried in the background before the pool
+#: gives up on it; the next request then starts a fresh attempt at once. psycopg_pool
+#: doubles its wait between attempts (1, 2, 4, 8 s...), so with its default of 300 s a
+#: database back after a 10 s outage was only reconnected 5 to 18 s later.
+DB_RECONNECT_TIMEOUT_SECS = 2.0
+#: Seconds a new database connection may take (a black-holed server fails here).
+DB_CONNECT_TIMEOUT_SECS = 2
+
+
+def new_pool(database_url: str, *, timeout: float, max_size: int = 20) -> AsyncConnectionPool:
+    """The process's connection pool, tuned to fail fast and recover fast.
+
+    * ``check``: every connection handed out is checked first (one empty round trip), so
+      connections killed by a database restart are replaced instead of failing a query.
+    * ``timeout``: a request waits at most ``timeout`` seconds for a connection, so a dead
+      database fails the request fast (the default is 30 s of silence on a call).
+    * ``reconnect_timeout``: see :data:`DB_RECONNECT_TIMEOUT_SECS`.
+    * ``max_idle``: idle connections beyond ``min_size`` are closed after a minute.
+    * TCP keepalives and ``connect_timeout``: a connection to a server that vanished from
+      the network is noticed in seconds, not after the kernel's two hours.
+
+    Args:
+        database_url: Connection string.
+        timeout: Seconds a request waits for a connection.
+        max_size: Most connections.
+
+    Returns:
+        The pool (not opened).
+    """
+    return AsyncConnectionPool(
+        database_url,
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        timeout=timeout,
+        check=AsyncConnectionPool.check_connection,
+        reconnect_timeout=DB_RECONNECT_TIMEOUT_SECS,
+        max_idle=60.0,
+        kwargs={
+            "connect_timeout": DB_CONNECT_TIMEOUT_SECS,
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+        },
+    )
+
+
+def new_redis_client(redis_url: str) -> aioredis.Redis:
+    """The process's Redis client: short timeouts and few, quick retries.
+
+    redis-py retries a failed command 10 times with up to a second between tries by
+    default, about 4 s in all, which a caller hears as dead air when Redis is down.
+
+    Args:
+        redis_url: ``redis://`` or ``unix://`` URL.
+
+    Returns:
+        The client.
+    """
+    return aioredis.Redis.from_url(
+        redis_url,
+        socket_connect_timeout=1,
+        socket_timeout=2,
+        health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), retries=2),
+    )
 
 
 async def retry_with_backoff(
@@ -211,7 +287,7 @@ async def open_resources(
             summary = await seed(database_url, customers=200, seed=7, reset=False)
             logger.info(f"Seeded the embedded CRM with demo data: {summary}")
 
-        pool = AsyncConnectionPool(database_url, min_size=1, max_size=20, open=False)
+        pool = new_pool(database_url, timeout=settings.db_timeout_secs)
         await pool.open(wait=False)
         stack.push_async_callback(pool.close)
         try:
@@ -222,9 +298,7 @@ async def open_resources(
                 "the embedded server."
             ) from exc
 
-        client = aioredis.Redis.from_url(
-            redis_url, socket_connect_timeout=3, socket_timeout=3, health_check_interval=30
-        )
+        client = new_redis_client(redis_url)
         stack.push_async_callback(client.aclose)
         try:
             await retry_with_backoff(lambda: check_redis(client), what="Redis")
@@ -236,6 +310,13 @@ async def open_resources(
 
         clients = SharedClients(settings)
         stack.push_async_callback(clients.aclose)
+        pending = PendingWrites(
+            pool,
+            timeout=settings.db_timeout_secs,
+            give_up_after=settings.pending_writes_max_age_secs,
+        )
+        pending.start()
+        stack.push_async_callback(pending.aclose)  # before the pool closes
         yield AppResources(
             clients=clients,
             settings=settings,
@@ -245,4 +326,5 @@ async def open_resources(
             database_url=database_url,
             redis_url=redis_url,
             embedded=embedded,
+            pending=pending,
         )

@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     snapshot_ttl_secs: int = Field(default=86400, alias="SNAPSHOT_TTL_SECS", ge=60)
     snapshot_transcript_turns: int = Field(default=6, alias="SNAPSHOT_TRANSCRIPT_TURNS", ge=0)
 
+    # Failure handling
+    llm_timeout_secs: float = Field(default=5.0, alias="LLM_TIMEOUT_SECS", gt=0, le=60)
+    dead_air_hold_secs: float = Field(default=1.2, alias="DEAD_AIR_HOLD_SECS", ge=0, le=10)
+    db_timeout_secs: float = Field(default=1.0, alias="DB_TIMEOUT_SECS", gt=0, le=30)
+    pending_writes_max_age_secs: float = Field(
+        default=3600.0, alias="PENDING_WRITES_MAX_AGE_SECS", gt=0
+    )
+
     # Dealership and server
     dealership_profile: Path = Field(default=DEFAULT_PROFILE, alias="DEALERSHIP_PROFILE")
     admin_token: SecretStr | None = Field(default=None, alias="ADMIN_TOKEN")

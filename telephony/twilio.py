@@ -482,10 +482,14 @@ class TwilioCallControl:
 
     async def transfer(self, number: str) -> None:
         """Redirect the call to ``<Dial>`` the advisor; the media stream then ends."""
+        await self.redirect(dial_twiml(number))
+        logger.info(f"call {self._call_sid} redirected to the advisor line")
+
+    async def redirect(self, twiml: str) -> None:
+        """Replace the live call's TwiML (the media stream then ends; no hang-up after)."""
         if self._serializer is not None:
             self._serializer.suppress_hang_up()
         client = twilio_client(self._settings)
-        twiml = dial_twiml(number)
         await asyncio.to_thread(
             lambda: (
                 client.api.v2010.accounts(self._settings.twilio_account_sid)
@@ -493,7 +497,6 @@ class TwilioCallControl:
                 .update(twiml=twiml)
             )
         )
-        logger.info(f"call {self._call_sid} redirected to the advisor line")
 
 
 async def place_outbound_call(

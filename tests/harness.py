@@ -133,6 +133,8 @@ class Agent:
     app: Any
     http: httpx.AsyncClient
     clients: list[TwilioMediaClient] = field(default_factory=list)
+    #: Where the test reads the database (the agent's own URL may go through a proxy).
+    observe_database_url: str | None = None
 
     async def post_signed(self, path: str, form: dict[str, str]) -> httpx.Response:
         """POST a Twilio webhook with a valid signature."""
@@ -198,7 +200,8 @@ class Agent:
 
     def query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         """Rows of a query against the agent's database."""
-        with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
+        url = self.observe_database_url or self.database_url
+        with psycopg.connect(url, row_factory=dict_row) as conn:
             return conn.execute(sql, params).fetchall()
 
     async def wait_for_call_row(self, call_sid: str, timeout: float = 15.0) -> dict[str, Any]:  # noqa: ASYNC109
@@ -228,12 +231,15 @@ async def running_agent(
     tts: FakeDeepgramTTS | None = None,
     llm: FakeOpenAI | None = None,
     env: dict[str, str] | None = None,
+    observe_database_url: str | None = None,
 ) -> AsyncIterator[Agent]:
     """Start the fakes and the server; stop everything on exit.
 
     Args:
         database_url: A migrated (and usually seeded) database.
         redis_url: Redis URL.
+        observe_database_url: Where the test's own queries go when ``database_url`` is a
+            proxy the test cuts (default: ``database_url``).
         stt: Deepgram STT fake (default settings when omitted).
         tts: Deepgram TTS fake (a fast talker by default: 10 ms per character).
         llm: OpenAI fake.
@@ -294,6 +300,7 @@ async def running_agent(
             database_url=database_url,
             app=app,
             http=http,
+            observe_database_url=observe_database_url,
         )
         try:
             yield agent

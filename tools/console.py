@@ -52,6 +52,7 @@ def make_tool_context(
         calendar=make_calendar(resources),
         now=(lambda: now) if now else None,
         key_prefix=resources.settings.redis_key_prefix,
+        pending=resources.pending,
     )
 
 

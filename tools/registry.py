@@ -67,6 +67,7 @@ class ToolContext:
     now: Callable[[], Any] | None = None
     durations: list[tuple[str, float, bool]] = field(default_factory=list)
     key_prefix: str = DEFAULT_REDIS_KEY_PREFIX  # REDIS_KEY_PREFIX: namespace of Redis keys
+    pending: Any = None  # core.pending.PendingWrites: writes that wait out a DB outage
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,9 @@ class FakeDeepgramSTT:
         connections: Connections accepted so far.
         open_connections: Connections open now.
         unscripted_bursts: Utterances that ended while the script was empty (sent as "").
+        refuse_connections: While True, new handshakes get HTTP 503 (Deepgram down).
+        refused: Handshakes refused so far.
+        dropped_at: Monotonic time of each :meth:`drop`.
     """
 
     def __init__(
@@ -146,6 +149,9 @@ class FakeDeepgramSTT:
         self.connections = 0
         self.open_connections = 0
         self.unscripted_bursts = 0
+        self.refuse_connections = False
+        self.refused = 0
+        self.dropped_at: list[float] = []
         self._sessions: list[_Session] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: Server | None = None
@@ -200,6 +206,25 @@ class FakeDeepgramSTT:
         for session in list(self._sessions):
             await self._send_results(session, text, is_final=True, speech_final=speech_final)
         return len(self._sessions)
+
+    async def drop(self, *, code: int = 1011, refuse: bool = False) -> int:
+        """Closes every open listen socket now (Deepgram dropping its connections).
+
+        Args:
+            code: Close code (1011: internal error).
+            refuse: Also refuse new connections from now on (STT stays down).
+
+        Returns:
+            Number of sockets closed.
+        """
+        if refuse:
+            self.refuse_connections = True
+        self.dropped_at.append(time.monotonic())
+        sessions = list(self._sessions)
+        for session in sessions:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.ws.close(code, "internal error"), 1)
+        return len(sessions)
 
     async def wait_for_connection(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Waits until at least one connection is open.
@@ -280,6 +305,9 @@ class FakeDeepgramSTT:
                 }
             ).encode()
             return response
+        if self.refuse_connections:
+            self.refused += 1
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable\n")
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:

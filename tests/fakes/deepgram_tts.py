@@ -6,6 +6,10 @@ Pipecat's ``DeepgramTTSService(base_url=fake.url)`` connects to
 an LLM response), ``Clear`` (interruption) and ``Close``. The fake answers each ``Flush``
 with speech-like audio for the buffered text (binary, in the requested encoding and
 sample rate, ~20 ms chunks) and then ``{"type":"Flushed","sequence_id":n}``.
+
+Fault injection: :meth:`FakeDeepgramTTS.drop` closes every open socket now,
+:meth:`FakeDeepgramTTS.drop_mid_utterance` closes a socket part-way through the audio of
+the next flushed text, and ``refuse_connections`` answers new handshakes with HTTP 503.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ class FakeDeepgramTTS:
         first_audio_sent_at: Monotonic time of the first chunk answering each Flush that
             had text.
         flushed_sent_at: Monotonic time each Flushed was sent.
+        refuse_connections: While True, new handshakes get HTTP 503 (Deepgram down).
+        refused: Handshakes refused so far.
+        drops: Sockets the fake closed on purpose (``drop`` / ``drop_mid_utterance``).
+        dropped_at: Monotonic time of each such close.
     """
 
     def __init__(
@@ -108,6 +116,11 @@ class FakeDeepgramTTS:
         self.flush_received_at: list[float] = []
         self.first_audio_sent_at: list[float] = []
         self.flushed_sent_at: list[float] = []
+        self.refuse_connections = False
+        self.refused = 0
+        self.drops = 0
+        self.dropped_at: list[float] = []
+        self._drop_mid: tuple[float, bool] | None = None
         self._sessions: list[_Session] = []
         self._server: Server | None = None
 
@@ -137,6 +150,41 @@ class FakeDeepgramTTS:
             TimeoutError: No connection in time.
         """
         await wait_until(lambda: bool(self._sessions), timeout)
+
+    async def drop(self, *, code: int = 1011, refuse: bool = False) -> int:
+        """Closes every open speak socket now (Deepgram dropping its connections).
+
+        Args:
+            code: Close code (1011: internal error; 1006-like abort with ``code=0``).
+            refuse: Also refuse new connections from now on (TTS stays down).
+
+        Returns:
+            Number of sockets closed.
+        """
+        if refuse:
+            self.refuse_connections = True
+        sessions = list(self._sessions)
+        for session in sessions:
+            await self._drop_session(session, code)
+        return len(sessions)
+
+    def drop_mid_utterance(self, *, after_secs: float = 0.3, refuse: bool = False) -> None:
+        """Arms a drop: the socket closes after ``after_secs`` of the next flushed audio.
+
+        Args:
+            after_secs: Seconds of audio sent before the socket closes.
+            refuse: Also refuse new connections from then on.
+        """
+        self._drop_mid = (after_secs, refuse)
+
+    async def _drop_session(self, session: _Session, code: int) -> None:
+        self.drops += 1
+        self.dropped_at.append(time.monotonic())
+        with contextlib.suppress(Exception):
+            if code:
+                await asyncio.wait_for(session.ws.close(code, "internal error"), 1)
+            else:
+                session.ws.transport.abort()
 
     async def start(self) -> None:
         """Starts listening on 127.0.0.1 on a free port."""
@@ -171,6 +219,9 @@ class FakeDeepgramTTS:
             f"Bearer {self.api_key}",
         ):
             return connection.respond(HTTPStatus.UNAUTHORIZED, "Invalid credentials.\n")
+        if self.refuse_connections:
+            self.refused += 1
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable\n")
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -242,6 +293,13 @@ class FakeDeepgramTTS:
             if self.first_byte_delay > 0 and texts:
                 await asyncio.sleep(self.first_byte_delay)
             first = True
+            drop_after: float | None = None
+            if self._drop_mid is not None and any(t.strip() for t in texts):
+                drop_after, refuse = self._drop_mid
+                self._drop_mid = None
+                if refuse:
+                    self.refuse_connections = True
+            sent_secs = 0.0
             width = 2 if session.encoding == "linear16" else 1
             chunk_bytes = max(1, int(session.sample_rate * self.chunk_secs)) * width
             for text in texts:
@@ -258,7 +316,11 @@ class FakeDeepgramTTS:
                     if first:
                         self.first_audio_sent_at.append(time.monotonic())
                         first = False
+                    if drop_after is not None and sent_secs >= drop_after:
+                        await self._drop_session(session, 1011)
+                        return
                     await self._send_bytes(session, audio[i : i + chunk_bytes])
+                    sent_secs += self.chunk_secs
                     await asyncio.sleep(self.chunk_delay)
             if generation != session.generation:
                 continue

@@ -78,9 +78,26 @@ class Fail:
     message: str = "The server had an error while processing your request."
     times: int = 1
     retryable: bool = True
+    retry_after: float | None = None
 
 
-Step = Say | ToolCalls | Fail | Callable[[dict[str, Any]], "Step | Awaitable[Step]"]
+@dataclass
+class Stall:
+    """A step that hangs: the model never answers within ``secs`` (an overloaded API).
+
+    Attributes:
+        secs: How long the request hangs before it is answered with ``then``.
+        before_headers: Hang before the response headers (else after them, before the
+            first chunk, which is what a stalled stream looks like).
+        then: What to answer once the stall is over (a text reply by default).
+    """
+
+    secs: float = 60.0
+    before_headers: bool = False
+    then: Say | ToolCalls | None = None
+
+
+Step = Say | ToolCalls | Fail | Stall | Callable[[dict[str, Any]], "Step | Awaitable[Step]"]
 """A script step: a fixed answer, or a callable that picks one from the request JSON."""
 
 
@@ -133,6 +150,7 @@ def fail(
     *,
     times: int = 1,
     retryable: bool = True,
+    retry_after: float | None = None,
 ) -> Fail:
     """Builds an error step.
 
@@ -141,11 +159,28 @@ def fail(
         message: Error message.
         times: Number of consecutive requests to fail.
         retryable: False adds ``x-should-retry: false`` so the SDK gives up at once.
+        retry_after: Seconds for a ``Retry-After`` header (as OpenAI sends with 429).
 
     Returns:
         The step.
     """
-    return Fail(status, message, times, retryable)
+    return Fail(status, message, times, retryable, retry_after)
+
+
+def stall(
+    secs: float = 60.0, *, before_headers: bool = False, then: Say | ToolCalls | None = None
+) -> Stall:
+    """Builds a step that hangs for ``secs`` before answering.
+
+    Args:
+        secs: Length of the stall.
+        before_headers: Hang before the response headers instead of before the first chunk.
+        then: The answer after the stall (default: the default reply).
+
+    Returns:
+        The step.
+    """
+    return Stall(secs, before_headers, then)
 
 
 def _split_words(text: str) -> list[str]:
@@ -181,7 +216,9 @@ class FakeOpenAI:
     Attributes:
         base_url: ``http://127.0.0.1:PORT/v1`` once started.
         requests: Every request body (parsed JSON), in arrival order.
+        request_times: Monotonic arrival time of each request.
         responses: The step served for each request, in order.
+        disconnects: Stalled requests whose client went away during the stall.
         first_token_delay: Seconds between the response headers and the first chunk.
         chunk_delay: Seconds between later chunks.
         api_key: When set, requests must carry ``Authorization: Bearer <api_key>``.
@@ -209,7 +246,9 @@ class FakeOpenAI:
         self.chunk_delay = chunk_delay
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
-        self.responses: list[Say | ToolCalls | Fail] = []
+        self.request_times: list[float] = []
+        self.responses: list[Say | ToolCalls | Fail | Stall] = []
+        self.disconnects = 0
         self.base_url = ""
         self._runner: web.AppRunner | None = None
 
@@ -252,7 +291,7 @@ class FakeOpenAI:
         """Stops the server."""
         await self.stop()
 
-    async def _next_step(self, body: dict[str, Any]) -> Say | ToolCalls | Fail:
+    async def _next_step(self, body: dict[str, Any]) -> Say | ToolCalls | Fail | Stall:
         """Pops (and resolves) the step for one request."""
         if not self._script:
             return Say(DEFAULT_REPLY)
@@ -264,10 +303,10 @@ class FakeOpenAI:
                 self._fail_served = 0
             return step
         self._script.pop(0)
-        while callable(step) and not isinstance(step, Say | ToolCalls | Fail):
+        while callable(step) and not isinstance(step, Say | ToolCalls | Fail | Stall):
             result = step(body)
             step = await result if inspect.isawaitable(result) else result
-        assert isinstance(step, Say | ToolCalls | Fail), f"bad script step: {step!r}"
+        assert isinstance(step, Say | ToolCalls | Fail | Stall), f"bad script step: {step!r}"
         return step
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -288,10 +327,21 @@ class FakeOpenAI:
             )
         body: dict[str, Any] = await request.json()
         self.requests.append(body)
+        self.request_times.append(time.monotonic())
         step = await self._next_step(body)
         self.responses.append(step)
+        stalled_after_headers = 0.0
+        if isinstance(step, Stall):
+            if step.before_headers:
+                if not await self._stall(request, step.secs):
+                    raise ConnectionResetError("client went away during the stall")
+            else:
+                stalled_after_headers = step.secs
+            step = step.then or Say(DEFAULT_REPLY)
         if isinstance(step, Fail):
             headers = {} if step.retryable else {"x-should-retry": "false"}
+            if step.retry_after is not None:
+                headers["retry-after"] = f"{step.retry_after:g}"
             return web.json_response(
                 {
                     "error": {
@@ -307,7 +357,22 @@ class FakeOpenAI:
         model = str(body.get("model") or "gpt-4o")
         if not body.get("stream"):
             return web.json_response(self._completion(step, model, body))
-        return await self._stream(request, step, model, body)
+        return await self._stream(request, step, model, body, stall=stalled_after_headers)
+
+    async def _stall(self, request: web.Request, secs: float) -> bool:
+        """Waits ``secs`` unless the client goes away first (counted in ``disconnects``).
+
+        Returns:
+            Whether the client is still connected.
+        """
+        deadline = time.monotonic() + secs
+        while time.monotonic() < deadline:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                self.disconnects += 1
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     def _completion(self, step: Say | ToolCalls, model: str, body: dict[str, Any]) -> dict:
         """Builds a non-streaming ``chat.completion`` object."""
@@ -346,7 +411,13 @@ class FakeOpenAI:
         }
 
     async def _stream(
-        self, request: web.Request, step: Say | ToolCalls, model: str, body: dict[str, Any]
+        self,
+        request: web.Request,
+        step: Say | ToolCalls,
+        model: str,
+        body: dict[str, Any],
+        *,
+        stall: float = 0.0,
     ) -> web.StreamResponse:
         """Streams ``chat.completion.chunk`` events for one step."""
         response = web.StreamResponse(
@@ -354,6 +425,8 @@ class FakeOpenAI:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
         )
         await response.prepare(request)
+        if stall > 0 and not await self._stall(request, stall):
+            raise ConnectionResetError("client went away during the stall")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:29]}"
         created = int(time.time())

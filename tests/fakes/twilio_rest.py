@@ -111,12 +111,14 @@ class FakeTwilioREST:
         auth_token: Expected auth token.
         create_delay: Seconds each create takes (while counted in flight).
         requests: Authenticated requests as ``(method, path, form)``.
+        request_times: Monotonic arrival time of each of ``requests``.
         form_lists: Per request, every form field with all its values.
         calls: Calls by SID, as last returned (JSON dict).
         created: SIDs of created calls, in order.
         in_flight: Creates being served right now.
         max_in_flight: Highest ``in_flight`` observed.
         auth_failures: Requests rejected with 401.
+        update_failures_served: Call updates answered with a scripted error.
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class FakeTwilioREST:
         self.create_delay = create_delay
         self.base_url = ""
         self.requests: list[RecordedRequest] = []
+        self.request_times: list[float] = []
         self.form_lists: list[dict[str, list[str]]] = []
         self.calls: dict[str, dict[str, Any]] = {}
         self.created: list[str] = []
@@ -145,6 +148,8 @@ class FakeTwilioREST:
         self.max_in_flight = 0
         self.auth_failures = 0
         self._create_failures: list[TwilioError] = []
+        self._update_failures: list[TwilioError] = []
+        self.update_failures_served = 0
         self._runner: web.AppRunner | None = None
         self.messages: dict[str, dict[str, Any]] = {}
         self.texts: list[SentText] = []
@@ -228,6 +233,24 @@ class FakeTwilioREST:
         ):
             return response.status
 
+    def fail_next_updates(
+        self,
+        count: int = 1,
+        *,
+        status: int = 500,
+        code: int = 20500,
+        message: str = "An internal server error has occurred",
+    ) -> None:
+        """Makes the next ``count`` call updates (redirects, hang-ups) fail (Twilio down).
+
+        Args:
+            count: Number of updates to fail.
+            status: HTTP status.
+            code: Twilio error code.
+            message: Error message.
+        """
+        self._update_failures.extend(TwilioError(status, code, message) for _ in range(count))
+
     def requests_to(self, method: str, suffix: str) -> list[RecordedRequest]:
         """Recorded requests with this method whose path ends with ``suffix``.
 
@@ -305,6 +328,7 @@ class FakeTwilioREST:
         for key, value in pairs:
             lists.setdefault(key, []).append(value)
         self.requests.append(RecordedRequest(request.method, request.path, form))
+        self.request_times.append(time.monotonic())
         self.form_lists.append(lists)
         if request.match_info["account"] != self.account_sid:
             return self._error(404, 20404, "The requested resource was not found")
@@ -384,6 +408,10 @@ class FakeTwilioREST:
         form = await self._record(request)
         if isinstance(form, web.Response):
             return form
+        if self._update_failures:
+            err = self._update_failures.pop(0)
+            self.update_failures_served += 1
+            return self._error(err.status, err.code, err.message)
         sid = request.match_info["call"]
         call = self.calls.get(sid)
         if call is None:
