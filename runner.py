@@ -94,6 +94,9 @@ def create_app(
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
     app.state.active_calls = {}
     app.include_router(call_routes.router)
+    from ops import mount_console  # the service manager's console under /ops
+
+    mount_console(app)
     if settings.host in LOOPBACK_HOSTS:
         from api.webrtc import mount_client
 

@@ -50,6 +50,7 @@ from processors.session_snapshot import (
     session_snapshot,
 )
 from processors.spoken_text import SpokenTextAligner
+from processors.tool_calls import ToolCallRecorder
 from tools.console import make_tool_context
 from tools.context import CallSession
 from tools.customers import identify_caller
@@ -187,12 +188,14 @@ async def run_call(
     stt, llm, tts = _services(resources, system_prompt, options.sample_rate)
     settings = resources.settings
     latency = LatencyObserver(call_sid=session.call_sid)
+    tool_log = ToolCallRecorder()
     snapshots = SessionSnapshotProcessor(
         call_sid=session.call_sid,
         store=SnapshotStore(resources.redis, ttl_secs=settings.snapshot_ttl_secs),
         provider=lambda: session_snapshot(
             session, latency, last_turns=settings.snapshot_transcript_turns
         ),
+        snapshot_on_start=True,
     )
     barge_in = BargeInUserTurnStartStrategy(
         min_words=settings.barge_in_min_words,
@@ -236,7 +239,7 @@ async def run_call(
             enable_metrics=True,
             enable_usage_metrics=True,
         ),
-        observers=[latency, *options.observers],
+        observers=[latency, tool_log, *options.observers],
         enable_rtvi=False,
         idle_timeout_secs=options.idle_timeout_secs,
     )
@@ -254,6 +257,21 @@ async def run_call(
         except Exception as exc:
             logger.error(f"call {session.call_sid}: transfer failed: {type(exc).__name__}")
             session.outcome = "failed"
+            # The apology promises a call back: record the request the console shows.
+            try:
+                async with resources.db.connection() as conn:
+                    await crm_calls.add_callback_request(
+                        conn,
+                        call_sid=session.call_sid,
+                        customer_id=session.customer_id,
+                        phone=session.caller_phone,
+                        reason=f"transfer failed: {session.transfer_reason or 'advisor'}"[:500],
+                        source="transfer_failed",
+                    )
+            except Exception as db_exc:
+                logger.error(
+                    f"call {session.call_sid}: callback not recorded: {type(db_exc).__name__}"
+                )
             await worker.queue_frames([TTSSpeakFrame(APOLOGY_CALLBACK), EndFrame()])
 
     flow = CallFlow(
@@ -340,6 +358,7 @@ async def run_call(
                     customer_id=session.customer_id,
                     phone=session.caller_phone,
                     reason="service failure during call",
+                    source="service_failure",
                 )
             session.outcome = "callback_requested"
             await worker.queue_frames([TTSSpeakFrame(APOLOGY_CALLBACK), EndFrame()])
@@ -360,12 +379,14 @@ async def run_call(
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         session.turn_metrics = latency.to_json()
-        await _finish(resources, session)
+        await _finish(resources, session, tool_calls=tool_log.to_json())
         metrics.call_finished(session.direction, session.outcome)
     return session
 
 
-async def _finish(resources: AppResources, session: CallSession) -> None:
+async def _finish(
+    resources: AppResources, session: CallSession, *, tool_calls: list[dict] | None = None
+) -> None:
     if session.outcome is None:
         session.outcome = "abandoned" if not session.transcript else "info"
     summary = (
@@ -384,6 +405,7 @@ async def _finish(resources: AppResources, session: CallSession) -> None:
                 turn_metrics=session.turn_metrics,
                 summary=summary,
                 appointment_ids=session.appointment_ids,
+                tool_calls=tool_calls,
             )
     except Exception as exc:
         logger.error(f"call {session.call_sid}: could not record call end: {type(exc).__name__}")

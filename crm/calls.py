@@ -13,6 +13,7 @@ async def add_callback_request(
     customer_id: int | None,
     phone: str | None,
     reason: str,
+    source: str = "after_hours",
 ) -> int:
     """Record that the caller wants a call back (one per call; a repeat updates the reason).
 
@@ -22,18 +23,26 @@ async def add_callback_request(
         customer_id: Verified or identified customer, if any.
         phone: Number to call back (E.164).
         reason: Why, in short.
+        source: Where the request comes from: ``after_hours`` (no advisor reachable),
+            ``transfer_failed``, ``service_failure`` or ``reschedule_reply``.
 
     Returns:
         The callback request id.
     """
     cur = await conn.execute(
         """
-        INSERT INTO callback_requests (call_sid, customer_id, phone, reason)
-        VALUES (%(call_sid)s, %(customer_id)s, %(phone)s, %(reason)s)
-        ON CONFLICT (call_sid) DO UPDATE SET reason = EXCLUDED.reason
+        INSERT INTO callback_requests (call_sid, customer_id, phone, reason, source)
+        VALUES (%(call_sid)s, %(customer_id)s, %(phone)s, %(reason)s, %(source)s)
+        ON CONFLICT (call_sid) DO UPDATE SET reason = EXCLUDED.reason, source = EXCLUDED.source
         RETURNING id
         """,
-        {"call_sid": call_sid, "customer_id": customer_id, "phone": phone, "reason": reason},
+        {
+            "call_sid": call_sid,
+            "customer_id": customer_id,
+            "phone": phone,
+            "reason": reason,
+            "source": source,
+        },
     )
     row = await cur.fetchone()
     assert row is not None
@@ -64,14 +73,20 @@ async def finish_call(
     turn_metrics: list[dict],
     summary: str,
     appointment_ids: list[int],
+    tool_calls: list[dict] | None = None,
 ) -> None:
-    """Write the end-of-call facts onto the ``calls`` row."""
+    """Write the end-of-call facts onto the ``calls`` row.
+
+    ``tool_calls`` (masked, see :class:`processors.tool_calls.ToolCallRecorder`) is left as
+    it is when ``None``.
+    """
     await conn.execute(
         """
         UPDATE calls SET customer_id = %(customer_id)s, verified = %(verified)s,
                outcome = %(outcome)s, ended_at = now(), transcript = %(transcript)s,
                turn_metrics = %(metrics)s, summary = %(summary)s,
-               appointment_ids = %(appointment_ids)s, updated_at = now()
+               appointment_ids = %(appointment_ids)s,
+               tool_calls = COALESCE(%(tool_calls)s, tool_calls), updated_at = now()
         WHERE call_sid = %(sid)s
         """,
         {
@@ -83,6 +98,7 @@ async def finish_call(
             "metrics": Jsonb(turn_metrics),
             "summary": summary,
             "appointment_ids": appointment_ids,
+            "tool_calls": Jsonb(tool_calls) if tool_calls is not None else None,
         },
     )
 

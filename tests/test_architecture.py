@@ -26,6 +26,7 @@ LAYERS: dict[str, set[str]] = {
     "bot": {"core", "crm", "scheduling", "tools", "processors", "telephony"},
     "campaigns": {"core", "crm", "telephony"},
     "api": {"core", "crm", "tools", "processors", "telephony", "bot", "campaigns"},
+    "ops": {"core", "crm", "processors"},
 }
 PACKAGES = set(LAYERS)
 #: Statements that only the data layer may run.

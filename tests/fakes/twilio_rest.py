@@ -109,6 +109,7 @@ class FakeTwilioREST:
         self.max_in_flight = 0
         self.auth_failures = 0
         self._create_failures: list[TwilioError] = []
+        self._update_failures: list[TwilioError] = []
         self._runner: web.AppRunner | None = None
 
     def fail_next_creates(
@@ -128,6 +129,24 @@ class FakeTwilioREST:
             message: Error message.
         """
         self._create_failures.extend(TwilioError(status, code, message) for _ in range(count))
+
+    def fail_next_updates(
+        self,
+        count: int = 1,
+        *,
+        status: int = 500,
+        code: int = 20500,
+        message: str = "Internal Server Error",
+    ) -> None:
+        """Makes the next ``count`` call updates (redirects, hang-ups) fail with an error JSON.
+
+        Args:
+            count: Number of updates to fail.
+            status: HTTP status.
+            code: Twilio error code.
+            message: Error message.
+        """
+        self._update_failures.extend(TwilioError(status, code, message) for _ in range(count))
 
     def requests_to(self, method: str, suffix: str) -> list[RecordedRequest]:
         """Recorded requests with this method whose path ends with ``suffix``.
@@ -282,6 +301,9 @@ class FakeTwilioREST:
         form = await self._record(request)
         if isinstance(form, web.Response):
             return form
+        if self._update_failures:
+            err = self._update_failures.pop(0)
+            return self._error(err.status, err.code, err.message)
         sid = request.match_info["call"]
         call = self.calls.get(sid)
         if call is None:
