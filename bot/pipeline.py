@@ -315,6 +315,7 @@ async def run_call(
     async def on_user_turn(_agg, _strategy, message) -> None:
         if getattr(message, "content", None):
             session.transcript.append({"role": "caller", "text": message.content})
+            snapshots.snapshot_now()  # the ops console shows the caller's words at once
         state["idle_prompts"] = 0
 
     @aggregators.assistant().event_handler("on_assistant_turn_stopped")
@@ -324,6 +325,7 @@ async def run_call(
                 {"role": "bot", "text": message.content, "interrupted": message.interrupted}
             )
         session.flow_node = manager.current_node
+        snapshots.snapshot_now()
 
     @aggregators.user().event_handler("on_user_turn_idle")
     async def on_idle(_agg) -> None:

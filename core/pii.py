@@ -136,7 +136,10 @@ def redact_value(value: Any, *, key: str = "") -> Any:
         if any(k in lowered for k in _DATE_KEYS):
             return "[date]"
         if any(k in lowered for k in _PHONE_KEYS):
-            return mask_phone(value)
+            if value.strip().startswith("+"):
+                return mask_phone(value)
+            digits = re.sub(r"\D", "", value)
+            return f"***…{digits[-4:]}" if len(digits) >= 4 else "***"
         if lowered == "vin" or (
             any(k in lowered for k in _VIN_KEYS) and _VIN_RE.fullmatch(value.strip())
         ):

@@ -24,14 +24,14 @@ def _num(value: Any) -> float | None:
     return float(value)
 
 
-def _nice_max(value: float) -> float:
-    """A round axis maximum at or above ``value``."""
+def _nice_max(value: float, ticks: int = 4) -> float:
+    """A round axis maximum at or above ``value`` whose ``ticks`` steps are round too."""
     if value <= 0:
         return 1.0
-    for step in (0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0):
-        if value <= step * 4:
-            return step * math.ceil(value / step)
-    return math.ceil(value)
+    for step in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0):
+        if value <= step * ticks:
+            return step * ticks
+    return float(math.ceil(value))
 
 
 def _ticks(top: float, count: int = 4) -> list[float]:
@@ -68,8 +68,8 @@ def turn_latency_chart(turns: Sequence[dict[str, Any]]) -> Markup:
     Returns:
         An SVG bar chart (an empty-state SVG when no turn was measured).
     """
-    width, height = 720, 260
-    left, right, top, bottom = 56, 12, 16, 56
+    width, height = 1000, 270
+    left, right, top, bottom = 64, 16, 18, 58
     rows = [t for t in turns if isinstance(t, dict) and _num(t.get("voice_to_voice_secs"))]
     if not rows:
         return _empty(width, height, "No measured turns", "Per-turn latency")
@@ -91,7 +91,7 @@ def turn_latency_chart(turns: Sequence[dict[str, Any]]) -> Markup:
             f'text-anchor="end">{escape(_fmt_secs(tick))}</text>'
         )
     slot = plot_w / len(rows)
-    bar_w = max(4.0, min(40.0, slot * 0.6))
+    bar_w = max(4.0, min(44.0, slot * 0.5))
     for index, turn in enumerate(rows):
         total = _num(turn["voice_to_voice_secs"]) or 0.0
         x = left + slot * index + (slot - bar_w) / 2
@@ -132,7 +132,7 @@ def turn_latency_chart(turns: Sequence[dict[str, Any]]) -> Markup:
             f'<rect class="{css}" x="{legend_x}" y="{height - 14}" width="10" height="10"/>'
             f'<text class="legend" x="{legend_x + 14}" y="{height - 5}">{escape(name)}</text>'
         )
-        legend_x += 14 + 7 * len(name) + 18
+        legend_x += 14 + 6 * len(name) + 24
     parts.append("</svg>")
     return Markup("".join(parts))
 
@@ -161,8 +161,8 @@ def percentile_chart(
     Returns:
         An SVG line chart (an empty-state SVG without points).
     """
-    width, height = 720, 240
-    left, right, top, bottom = 56, 12, 16, 44
+    width, height = 1000, 250
+    left, right, top, bottom = 64, 32, 16, 46
     values = [v for p in points for v in (p.p50, p.p95) if _num(v) is not None]
     if not values:
         return _empty(width, height, "No finished turns in this period", "Voice-to-voice")
@@ -259,7 +259,7 @@ def schedule_timeline(
         An SVG timeline; each appointment links to ``#appt-<id>``.
     """
     all_lanes = list(dict.fromkeys([*lanes, *(i.lane for i in items)]))
-    lane_h, left, right, top = 44, 72, 12, 28
+    lane_h, left, right, top = 44, 72, 28, 28
     width = 1000
     height = top + lane_h * max(len(all_lanes), 1) + 8
     span = max((end - start).total_seconds(), 1.0)
@@ -298,22 +298,18 @@ def schedule_timeline(
         ly = top + lane_index[item.lane] * lane_h + 5
         w = max(x1 - x0 - 2, 3.0)
         css = f"appt status-{escape(item.status)}{' by-bot' if item.by_bot else ''}"
-        max_chars = int(w / 6.5)
-        label = item.label if len(item.label) <= max_chars else item.label[: max(max_chars - 1, 0)]
-        if label and len(label) < len(item.label):
+        text = f"AI · {item.label}" if item.by_bot else item.label
+        max_chars = int((w - 10) / 6.5)
+        label = text if len(text) <= max_chars else text[: max(max_chars - 1, 0)]
+        if label and len(label) < len(text):
             label += "…"
         parts.append(
             f'<a href="#appt-{item.id}"><g class="{css}"><title>{escape(item.title)}</title>'
             f'<rect x="{x0 + 1:.1f}" y="{ly}" width="{w:.1f}" height="{lane_h - 10}" rx="5"/>'
         )
-        if item.by_bot and w > 22:
-            parts.append(
-                f'<text class="bot-mark" x="{x0 + w - 4:.1f}" y="{ly + 13}" '
-                'text-anchor="end">AI</text>'
-            )
         if label:
             parts.append(
-                f'<text class="appt-label" x="{x0 + 6:.1f}" y="{ly + lane_h / 2}">'
+                f'<text class="appt-label" x="{x0 + 6:.1f}" y="{ly + (lane_h - 10) / 2:.1f}">'
                 f"{escape(label)}</text>"
             )
         parts.append("</g></a>")

@@ -251,7 +251,12 @@ def _set_cookie(
 
 
 def _login_form(
-    request: Request, *, next_path: str, error: str | None = None, status: int = 200
+    request: Request,
+    *,
+    next_path: str,
+    error: str | None = None,
+    status: int = 200,
+    username: str | None = None,
 ) -> Response:
     import secrets
 
@@ -259,7 +264,7 @@ def _login_form(
     response = _page(
         request,
         "login.html",
-        {"csrf_token": token, "next": next_path, "error": error},
+        {"csrf_token": token, "next": next_path, "error": error, "username": username},
         session=None,
         status=status,
     )
@@ -323,7 +328,11 @@ async def login(request: Request) -> Response:
         await limiter.failed(ip)
         logger.warning(f"ops console: failed login from {ip}")
         return _login_form(
-            request, next_path=next_path, error="Wrong user name or password.", status=401
+            request,
+            next_path=next_path,
+            error="Wrong user name or password.",
+            status=401,
+            username=username if plausible else None,
         )
     await limiter.succeeded(ip)
     token, _session_obj = await _sessions(request).create(username)
