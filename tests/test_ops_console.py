@@ -7,10 +7,13 @@ tests check the rules at the HTTP level, where every header and row can be asser
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -39,6 +42,7 @@ from tests.ops_support import (
 )
 
 PROFILE = load_profile(DEFAULT_PROFILE)
+REPO = Path(__file__).resolve().parents[1]
 PAGES = [
     "/ops",
     "/ops/live",
@@ -598,3 +602,52 @@ async def test_fuzzed_paths_and_form_posts_never_give_a_server_error(console: Co
             headers={"content-type": "application/x-www-form-urlencoded"},
         )
     ).status_code < 500
+
+
+async def test_users_command_adds_a_user_who_can_log_in(console: Console) -> None:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(REPO),
+        "DATABASE_URL": console.database_url,
+        "REDIS_URL": console.redis_url,
+        "LOG_LEVEL": "WARNING",
+    }
+
+    async def users(*args: str, stdin: str = "") -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ops.users",
+            *args,
+            env=env,
+            cwd=REPO,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 120)
+        return proc.returncode or 0, out.decode() + err.decode()
+
+    assert (await users("add", "admin", stdin="long enough password\n"))[0] == 2
+    assert (await users("add", "marcus", stdin="short\n"))[0] == 2
+    code, out = await users("add", "Marcus", stdin="a long enough password\n")
+    assert code == 0, out
+    stored = query(
+        console.database_url, "SELECT password_hash FROM ops_users WHERE username = 'marcus'"
+    )
+    assert stored and stored[0][0].startswith("scrypt$") and "long enough" not in stored[0][0]
+    other = console.new_client("10.0.0.7")
+    async with other:
+        assert (
+            await log_in(other, username="marcus", password="wrong password!")
+        ).status_code == 401
+        assert (
+            await log_in(other, username="marcus", password="a long enough password")
+        ).status_code == 303
+    code, out = await users("disable", "marcus")
+    assert code == 0, out
+    third = console.new_client("10.0.0.8")
+    async with third:
+        assert (
+            await log_in(third, username="marcus", password="a long enough password")
+        ).status_code == 401
