@@ -213,11 +213,14 @@ def _field(form: FormData, name: str) -> str | None:
 
 
 def _same_origin(request: Request) -> bool:
+    """No ``Origin`` header, or this server's (its Host header or ``PUBLIC_BASE_URL``)."""
     origin = request.headers.get("origin")
-    if not origin or origin == "null":
-        return origin is None
-    host = request.headers.get("host", "")
-    return origin.split("://", 1)[-1] == host
+    if origin is None:
+        return True
+    given = origin.split("://", 1)[-1].lower()
+    public = (_resources(request).settings.public_base_url or "").split("://", 1)[-1]
+    allowed = {request.headers.get("host", "").lower(), public.rstrip("/").lower()}
+    return bool(given) and given in allowed
 
 
 async def _action_session(request: Request) -> tuple[OpsSession, FormData]:

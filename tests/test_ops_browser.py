@@ -210,8 +210,28 @@ async def page(browser: Browser, agent: Agent) -> AsyncIterator[Page]:
 
 
 async def shot(page: Page, name: str) -> None:
-    """Save the page as docs/screenshots/<name>.png."""
+    """Save the page as docs/screenshots/<name>.png, after checking that it fits a tablet.
+
+    On a tablet in portrait (820 px wide) nothing may stick out of the page sideways (wide
+    tables and the timeline scroll inside their cards).
+    """
     SHOTS.mkdir(parents=True, exist_ok=True)
+    size = page.viewport_size
+    await page.set_viewport_size({"width": 820, "height": 1180})
+    try:
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        if overflow > 0:
+            culprits = await page.evaluate(
+                """() => [...document.querySelectorAll('body *')]
+                    .filter(e => e.getBoundingClientRect().right
+                                 > document.documentElement.clientWidth)
+                    .slice(0, 8).map(e => e.tagName + '.' + e.className)"""
+            )
+            raise AssertionError(f"{name}: {overflow} px wider than a tablet: {culprits}")
+    finally:
+        await page.set_viewport_size(size)
     await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 

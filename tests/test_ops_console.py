@@ -574,14 +574,21 @@ async def test_fuzzed_paths_and_form_posts_never_give_a_server_error(console: Co
             max_size=3,
         ),
         call=st.text(max_size=80),
+        login=st.dictionaries(
+            st.sampled_from(["username", "password", "csrf_token", "next"]), _text, max_size=4
+        ),
     )
-    def check(target: str, action: str, form: dict[str, str], call: str) -> None:
+    def check(
+        target: str, action: str, form: dict[str, str], call: str, login: dict[str, str]
+    ) -> None:
         post = _run(
             loop, client.post(f"/ops/callbacks/{quote(target, safe='')}/{action}", data=form)
         )
         assert post.status_code < 500, (target, action, form, post.text[:300])
         got = _run(loop, client.get(f"/ops/calls/{quote(call, safe='')}"))
         assert got.status_code < 500, (call, got.text[:300])
+        tried = _run(loop, client.post("/ops/login", data=login))
+        assert tried.status_code < 500, (login, tried.text[:300])
 
     await asyncio.to_thread(check)
     # Garbage bodies: not a form, too big, a wrong content type.
@@ -651,3 +658,14 @@ async def test_users_command_adds_a_user_who_can_log_in(console: Console) -> Non
         assert (
             await log_in(third, username="marcus", password="a long enough password")
         ).status_code == 401
+
+
+def test_cookie_secure_flag_follows_the_public_url() -> None:
+    assert Settings(_env_file=None).ops_cookie_is_secure is False
+    https = Settings(_env_file=None, PUBLIC_BASE_URL="https://agent.example.com")
+    assert https.ops_cookie_is_secure is True
+    forced = Settings(
+        _env_file=None, PUBLIC_BASE_URL="https://agent.example.com", OPS_COOKIE_SECURE="false"
+    )
+    assert forced.ops_cookie_is_secure is False
+    assert Settings(_env_file=None, OPS_COOKIE_SECURE="true").ops_cookie_is_secure is True
