@@ -20,6 +20,7 @@ PII_TRANSCRIPT = [
     {"role": "caller", "text": "Call me back at +1 (555) 555-0100 or 312-555-0199."},
     {"role": "caller", "text": "The VIN is 1HGCM82633A004352 and I was born 1985-04-12."},
     {"role": "bot", "text": "Thanks, let me look that up for", "interrupted": True},
+    {"role": "caller", "text": "<img src=x onerror=alert(1)><script>alert(2)</script>"},
 ]
 TURN_METRICS = [
     {

@@ -385,6 +385,9 @@ async def test_a_call_page_shows_transcript_tools_latency_and_no_pii(console: Co
         assert secret not in html, secret
     assert "[date]" in html and "…4352" in html and "***…0100" in html
     assert html.count('class="interrupted"') == 1
+    # What callers say is text, never markup.
+    assert "<img src=x" not in html and "<script>alert" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "verify_customer" in html and "lookup_customer" in html and "tool-error" in html
     assert '<svg class="chart"' in html and "Turn 2: 1.31 s" in html
     assert f"#appt-{appt[0]}" in html
