@@ -11,13 +11,17 @@ Chromium comes from Debian (``/usr/bin/chromium``); the session fixture installs
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import re
 import subprocess
-from collections.abc import AsyncIterator
+import time as clock
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, time, timedelta
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -95,7 +99,7 @@ async def crm() -> AsyncIterator[str]:
     try:
         await apply_migrations(url)
         today = datetime.now(PROFILE.time_zone).date()
-        await seed(url, customers=60, seed=7, anchor_date=today, profile=PROFILE)
+        await seed(url, customers=200, seed=7, anchor_date=today, profile=PROFILE)
         _history(url)
         yield url
     finally:
@@ -209,6 +213,20 @@ async def page(browser: Browser, agent: Agent) -> AsyncIterator[Page]:
         await context.close()
 
 
+def bounded(secs: float) -> Callable[[Callable[..., Awaitable[None]]], Any]:
+    """Fail a test after ``secs`` with the traceback of the await it was stuck in."""
+
+    def wrap(test: Callable[..., Awaitable[None]]) -> Any:
+        @functools.wraps(test)
+        async def run(*args: Any, **kwargs: Any) -> None:
+            async with asyncio.timeout(secs):
+                await test(*args, **kwargs)
+
+        return run
+
+    return wrap
+
+
 async def shot(page: Page, name: str) -> None:
     """Save the page as docs/screenshots/<name>.png, after checking that it fits a tablet.
 
@@ -242,6 +260,7 @@ async def say_turn(client, seconds: float = 0.8) -> None:
     await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
 
 
+@bounded(60)
 async def test_an_unauthenticated_visit_goes_to_the_login(browser: Browser, agent: Agent) -> None:
     context = await browser.new_context(base_url=agent.base_url)
     try:
@@ -259,6 +278,7 @@ async def test_an_unauthenticated_visit_goes_to_the_login(browser: Browser, agen
         await context.close()
 
 
+@bounded(60)
 async def test_log_in(page: Page) -> None:
     await page.goto("/ops/live")
     assert "/ops/login" in page.url
@@ -274,17 +294,20 @@ async def test_log_in(page: Page) -> None:
     assert "ops_session" not in await page.evaluate("document.cookie")
 
 
+@bounded(150)
 async def test_a_live_call_appears_and_its_transcript_updates(page: Page, agent: Agent) -> None:
     await page.goto("/ops/live")
     await expect(page.locator("#live-status")).to_have_text("Live")
     agent.stt.script(BOOKING_UTTERANCES)
+    rang = clock.monotonic()
     client = await agent.inbound_call(MARIA)
     card = page.locator(f'article[data-call-sid="{client.call_sid}"]')
     # Listed from the start of the call, before any turn (no reload: server-sent events).
     await expect(card).to_be_visible()
     await expect(card.locator(".who")).to_have_text("Unverified caller")
     await expect(card).to_contain_text("+1***…0100")
-    await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+    # The greeting (counted from the start: it may have been played while we looked).
+    await client.wait_for_bot_audio(min_seconds=0.3, timeout=20, since=rang)
     await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
 
     await say_turn(client)  # "Hi, I need an oil change for my Camry."
@@ -317,6 +340,7 @@ def _booked_sid() -> str:
     return sid
 
 
+@bounded(90)
 async def test_the_ended_call_is_in_the_history_with_transcript_chart_and_appointment(
     page: Page, agent: Agent
 ) -> None:
@@ -374,6 +398,7 @@ async def test_the_ended_call_is_in_the_history_with_transcript_chart_and_appoin
     await shot(page, "schedule")
 
 
+@bounded(60)
 async def test_a_callback_is_marked_done(page: Page, agent: Agent, crm: str) -> None:
     done_id = insert_callback(
         crm,
@@ -428,6 +453,7 @@ async def test_a_callback_is_marked_done(page: Page, agent: Agent, crm: str) -> 
     await shot(page, "callbacks")
 
 
+@bounded(60)
 async def test_an_action_without_the_csrf_token_is_refused(page: Page, crm: str) -> None:
     target = insert_callback(
         crm, call_sid="CAcallback0009", customer_id=4, phone=None, reason="csrf check"
@@ -448,6 +474,7 @@ async def test_an_action_without_the_csrf_token_is_refused(page: Page, crm: str)
     ]
 
 
+@bounded(90)
 async def test_a_campaign_run_appears_with_its_counts(page: Page, agent: Agent) -> None:
     resources = agent.app.state.resources
     tz = PROFILE.time_zone
@@ -530,6 +557,7 @@ async def test_a_campaign_run_appears_with_its_counts(page: Page, agent: Agent) 
     await shot(page, "campaigns")
 
 
+@bounded(60)
 async def test_the_health_page_shows_the_last_hour(page: Page) -> None:
     await page.goto("/ops/health")
     # Postgres, Redis and phone calls (all call settings are set); no Google Calendar.
