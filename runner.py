@@ -149,6 +149,9 @@ def create_app(
     app.include_router(call_routes.router)
     app.include_router(sms_routes.router)
     app.include_router(sms_routes.admin_router, dependencies=[Depends(require_admin)])
+    from ops import mount_console  # the service manager's console under /ops
+
+    mount_console(app)
     webrtc = None
     if settings.webrtc_dev:
         from api.webrtc import mount_client

@@ -96,6 +96,7 @@ async def record_callback(
     session: CallSession,
     reason: str,
     now: datetime,
+    source: str = "service_failure",
 ) -> bool:
     """Record a callback request for the call now, or once Postgres is back.
 
@@ -104,6 +105,7 @@ async def record_callback(
         session: The call.
         reason: Why, in short.
         now: When it was asked.
+        source: Where it comes from, for the ops console (see ``crm.calls``).
 
     Returns:
         True when written now, False when queued (or, without ``pending``, lost).
@@ -117,6 +119,7 @@ async def record_callback(
             phone=session.caller_phone,
             reason=reason,
             requested_at=now,
+            source=source,
         )
 
     if pending is not None:
@@ -230,6 +233,7 @@ class CallRescue:
             session=self.session,
             reason="transfer to an advisor failed",
             now=self.clock(),
+            source="transfer_failed",
         )
 
     async def _goodbye_after_hours(self, *, reason: str, hello: str = "") -> None:

@@ -56,6 +56,7 @@ from processors.session_snapshot import (
     session_snapshot,
 )
 from processors.spoken_text import SpokenTextAligner
+from processors.tool_calls import ToolCallRecorder
 from tools.console import make_tool_context
 from tools.context import CallSession
 from tools.customers import identify_caller
@@ -294,12 +295,14 @@ async def run_call(
     snapshot_store = SnapshotStore(
         resources.redis, ttl_secs=settings.snapshot_ttl_secs, prefix=settings.redis_key_prefix
     )
+    tool_log = ToolCallRecorder()
     snapshots = SessionSnapshotProcessor(
         call_sid=session.call_sid,
         store=snapshot_store,
         provider=lambda: session_snapshot(
             session, latency, last_turns=settings.snapshot_transcript_turns
         ),
+        snapshot_on_start=True,
     )
     dead_air = DeadAirGuard(hold_secs=settings.dead_air_hold_secs)
     barge_in = BargeInUserTurnStartStrategy(
@@ -345,7 +348,7 @@ async def run_call(
             enable_metrics=True,
             enable_usage_metrics=True,
         ),
-        observers=[latency, *options.observers],
+        observers=[latency, tool_log, *options.observers],
         enable_rtvi=False,
         idle_timeout_secs=options.idle_timeout_secs,
     )
@@ -468,6 +471,7 @@ async def run_call(
     async def on_user_turn(_agg, _strategy, message) -> None:
         if getattr(message, "content", None):
             session.transcript.append({"role": "caller", "text": message.content})
+            snapshots.snapshot_now()  # the ops console shows the caller's words at once
         state["idle_prompts"] = 0
         if not rescue.rescued:
             await dead_air.arm()
@@ -479,6 +483,7 @@ async def run_call(
                 {"role": "bot", "text": message.content, "interrupted": message.interrupted}
             )
         session.flow_node = manager.current_node
+        snapshots.snapshot_now()
 
     @aggregators.user().event_handler("on_user_turn_idle")
     async def on_idle(_agg) -> None:
@@ -538,7 +543,7 @@ async def run_call(
             # Bounded: their database writes time out and queue instead.
             await asyncio.wait(list(rescues), timeout=5)
         session.turn_metrics = latency.to_json()
-        await _finish(resources, session, incidents=incidents)
+        await _finish(resources, session, incidents=incidents, tool_calls=tool_log.to_json())
         metrics.call_finished(session.direction, session.outcome)
         if snapshots.failures:
             # Redis was down at some point: make sure the call leaves the active set.
@@ -715,7 +720,11 @@ async def _record_call_start(resources: AppResources, session: CallSession) -> b
 
 
 async def _finish(
-    resources: AppResources, session: CallSession, *, incidents: list[str] | None = None
+    resources: AppResources,
+    session: CallSession,
+    *,
+    incidents: list[str] | None = None,
+    tool_calls: list[dict] | None = None,
 ) -> None:
     if session.outcome is None:
         session.outcome = "abandoned" if not session.transcript else "info"
@@ -742,6 +751,7 @@ async def _finish(
             turn_metrics=session.turn_metrics,
             summary=summary,
             appointment_ids=session.appointment_ids,
+            tool_calls=tool_calls,
         )
 
     if resources.pending is not None:

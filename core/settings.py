@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     # Dealership and server
     dealership_profile: Path = Field(default=DEFAULT_PROFILE, alias="DEALERSHIP_PROFILE")
     admin_token: SecretStr | None = Field(default=None, alias="ADMIN_TOKEN")
+
+    # Ops console (/ops): sessions, login rate limit, cookie flags
+    ops_session_ttl_secs: int = Field(default=8 * 3600, alias="OPS_SESSION_TTL_SECS", ge=300)
+    ops_login_max_failures: int = Field(default=5, alias="OPS_LOGIN_MAX_FAILURES", ge=1)
+    ops_login_lockout_secs: int = Field(default=900, alias="OPS_LOGIN_LOCKOUT_SECS", ge=60)
+    # None: Secure cookies exactly when PUBLIC_BASE_URL is https.
+    ops_cookie_secure: bool | None = Field(default=None, alias="OPS_COOKIE_SECURE")
     host: str = Field(default="127.0.0.1", alias="HOST")
     port: int = Field(default=8000, alias="PORT", ge=0, le=65535)
     log_level: str = Field(default="INFO", alias="LOG_LEVEL")
@@ -134,6 +141,7 @@ class Settings(BaseSettings):
         "google_refresh_token",
         "admin_token",
         "barge_in_min_speech_secs",
+        "ops_cookie_secure",
         mode="before",
     )
     @classmethod
@@ -175,6 +183,13 @@ class Settings(BaseSettings):
                 self.google_calendar_id,
             )
         )
+
+    @property
+    def ops_cookie_is_secure(self) -> bool:
+        """Whether the ops console's cookies carry the Secure flag."""
+        if self.ops_cookie_secure is not None:
+            return self.ops_cookie_secure
+        return (self.public_base_url or "").lower().startswith("https://")
 
     def missing_call_settings(self) -> list[str]:
         """Names of the settings a phone call needs that are not set.

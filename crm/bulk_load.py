@@ -97,3 +97,26 @@ def load_crm(conninfo: str, rows: CrmRows, *, reset: bool, progress: bool = Fals
                         f"(SELECT COALESCE(max(id), 0) + 1 FROM {table}), false)"
                     )
         conn.execute("ANALYZE customers, vehicles, appointments, service_history")
+
+
+CALL_COLUMNS = (
+    "call_sid, direction, scenario, customer_id, verified, outcome, twilio_status, started_at, "
+    "ended_at, transcript, turn_metrics, tool_calls, summary, appointment_ids"
+)
+
+
+def load_calls(conninfo: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """COPY ``calls`` rows (the console benchmark's history) in one transaction, then ANALYZE.
+
+    Blocking: run it in a thread.
+
+    Args:
+        conninfo: Postgres connection string of a migrated database.
+        rows: Tuples in the order of :data:`CALL_COLUMNS` (JSON columns as ``Jsonb``).
+    """
+    with psycopg.connect(conninfo) as conn:
+        with conn.transaction(), conn.cursor() as cur:
+            with cur.copy(f"COPY calls ({CALL_COLUMNS}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        conn.execute("ANALYZE calls")

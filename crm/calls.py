@@ -43,6 +43,7 @@ async def add_callback_request(
     phone: str | None,
     reason: str,
     requested_at: datetime | None = None,
+    source: str = "after_hours",
 ) -> int:
     """Record that the caller wants a call back (one per call).
 
@@ -58,17 +59,21 @@ async def add_callback_request(
         phone: Number to call back; anything that is not E.164 is stored as NULL.
         reason: Why, in short.
         requested_at: When it was asked (default: now; a delayed write passes the time).
+        source: Where the request comes from: ``after_hours`` (no advisor reachable),
+            ``transfer_failed``, ``service_failure`` or ``reschedule_reply``.
 
     Returns:
         The callback request id.
     """
     cur = await conn.execute(
         """
-        INSERT INTO callback_requests (call_sid, customer_id, phone, reason, requested_at)
+        INSERT INTO callback_requests (call_sid, customer_id, phone, reason, requested_at,
+                                       source)
         VALUES (%(call_sid)s, %(customer_id)s, %(phone)s, %(reason)s,
-                COALESCE(%(requested_at)s, now()))
+                COALESCE(%(requested_at)s, now()), %(source)s)
         ON CONFLICT (call_sid) DO UPDATE SET
             reason = EXCLUDED.reason,
+            source = EXCLUDED.source,
             phone = COALESCE(EXCLUDED.phone, callback_requests.phone),
             customer_id = COALESCE(EXCLUDED.customer_id, callback_requests.customer_id)
         RETURNING id
@@ -79,6 +84,7 @@ async def add_callback_request(
             "phone": callback_number(phone),
             "reason": reason,
             "requested_at": requested_at,
+            "source": source,
         },
     )
     row = await cur.fetchone()
@@ -128,6 +134,7 @@ async def finish_call(
     turn_metrics: list[dict],
     summary: str,
     appointment_ids: list[int],
+    tool_calls: list[dict] | None = None,
 ) -> None:
     """Write the end-of-call facts onto the ``calls`` row, creating it if it is missing.
 
@@ -149,21 +156,25 @@ async def finish_call(
         turn_metrics: Per-turn latency figures.
         summary: One-line summary.
         appointment_ids: Appointments booked, moved or cancelled.
+        tool_calls: The call's tool calls, masked (see
+            :class:`processors.tool_calls.ToolCallRecorder`); left as it is when ``None``.
     """
     await conn.execute(
         """
         INSERT INTO calls (call_sid, direction, scenario, started_at, customer_id, verified,
                            outcome, ended_at, transcript, turn_metrics, summary,
-                           appointment_ids)
+                           appointment_ids, tool_calls)
         VALUES (%(sid)s, %(direction)s, %(scenario)s, %(started_at)s, %(customer_id)s,
                 %(verified)s, %(outcome)s, GREATEST(%(ended_at)s, %(started_at)s),
-                %(transcript)s, %(metrics)s, %(summary)s, %(appointment_ids)s)
+                %(transcript)s, %(metrics)s, %(summary)s, %(appointment_ids)s,
+                COALESCE(%(tool_calls)s, '[]'::jsonb))
         ON CONFLICT (call_sid) DO UPDATE SET
             customer_id = EXCLUDED.customer_id, verified = EXCLUDED.verified,
             outcome = EXCLUDED.outcome,
             ended_at = GREATEST(%(ended_at)s, calls.started_at),
             transcript = EXCLUDED.transcript, turn_metrics = EXCLUDED.turn_metrics,
             summary = EXCLUDED.summary, appointment_ids = EXCLUDED.appointment_ids,
+            tool_calls = COALESCE(%(tool_calls)s, calls.tool_calls),
             updated_at = now()
         """,
         {
@@ -179,6 +190,7 @@ async def finish_call(
             "metrics": Jsonb(turn_metrics),
             "summary": summary,
             "appointment_ids": appointment_ids,
+            "tool_calls": Jsonb(tool_calls) if tool_calls is not None else None,
         },
     )
 

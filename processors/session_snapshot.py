@@ -46,6 +46,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from core.metrics import SNAPSHOT_FAILURES_TOTAL
+from core.pii import mask_phone
 from core.settings import DEFAULT_REDIS_KEY_PREFIX
 
 KEY_PREFIX = DEFAULT_REDIS_KEY_PREFIX  # REDIS_KEY_PREFIX; the app passes its setting
@@ -152,17 +153,23 @@ def session_snapshot(session: Any, latency: Any | None = None, *, last_turns: in
 
     Args:
         session: The call session (``flow_node``, ``customer_id``, ``verified``,
-            ``appointment_ids``, ``transcript``, ``direction``, ``scenario``).
+            ``appointment_ids``, ``transcript``, ``direction``, ``scenario``,
+            ``caller_phone``, ``customer_first_name``, ``started_at``).
         latency: Optional :class:`~processors.latency.LatencyObserver` (its ``summary()``).
         last_turns: How many transcript turns to keep.
 
     Returns:
-        A JSON-ready dict.
+        A JSON-ready dict. The caller's number is masked (``caller``); the customer's first
+        name is there only once the caller is verified.
     """
     customer_id = getattr(session, "customer_id", None)
     verified = bool(getattr(session, "verified", False))
     transcript = list(getattr(session, "transcript", []) or [])
+    started_at = getattr(session, "started_at", None)
     return {
+        "caller": mask_phone(getattr(session, "caller_phone", None)),
+        "customer_first_name": getattr(session, "customer_first_name", None) if verified else None,
+        "started_at": started_at.isoformat() if isinstance(started_at, datetime) else None,
         "direction": getattr(session, "direction", None),
         "scenario": getattr(session, "scenario", None),
         "flow_node": getattr(session, "flow_node", None),
@@ -186,6 +193,8 @@ class SessionSnapshotProcessor(FrameProcessor):
         retry_max_secs: Longest backoff.
         write_timeout_secs: Limit of one Redis write.
         flush_timeout_secs: How long the end of the call waits for the last write.
+        snapshot_on_start: Also write a snapshot when the pipeline starts, so the call is
+            listed as active before the bot's first turn ends.
         **kwargs: Passed to :class:`FrameProcessor`.
     """
 
@@ -199,10 +208,12 @@ class SessionSnapshotProcessor(FrameProcessor):
         retry_max_secs: float = 10.0,
         write_timeout_secs: float = 2.0,
         flush_timeout_secs: float = 2.0,
+        snapshot_on_start: bool = False,
         **kwargs,
     ):
         """Initialize the processor."""
         super().__init__(**kwargs)
+        self._snapshot_on_start = snapshot_on_start
         self._call_sid = call_sid
         self._store = store
         self._provider = provider
@@ -244,6 +255,8 @@ class SessionSnapshotProcessor(FrameProcessor):
 
         if isinstance(frame, StartFrame):
             self._start_writer()
+            if self._snapshot_on_start:
+                self.snapshot_now()
         elif isinstance(frame, BotStoppedSpeakingFrame) and direction == FrameDirection.DOWNSTREAM:
             self.snapshot_now()
         elif isinstance(frame, (EndFrame, CancelFrame)):

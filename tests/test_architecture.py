@@ -27,6 +27,7 @@ LAYERS: dict[str, set[str]] = {
     "messaging": {"core", "crm", "telephony"},
     "campaigns": {"core", "crm", "telephony", "messaging"},
     "api": {"core", "crm", "tools", "processors", "telephony", "bot", "campaigns", "messaging"},
+    "ops": {"core", "crm", "processors"},
 }
 PACKAGES = set(LAYERS)
 #: A statement sent to Postgres (only the data layer sends them).

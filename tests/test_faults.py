@@ -1121,7 +1121,13 @@ async def _callback_once(database_url: str, caller: str | None, given_number: st
         if given_number is not None:
             args["callback_number"] = given_number
         result = await run_tool(ctx, "transfer_to_advisor", args)
-        assert result["ok"] is True and result["transferring"] is False, result
+        if result["ok"] is False:
+            # An argument no person could say (NUL, control characters) is asked again by
+            # the registry's argument check, before the tool runs: nothing is written.
+            assert result["error"] == "bad_arguments" and result["say"], result
+            assert given_number is not None
+            return
+        assert result["transferring"] is False, result
         assert result["say"] and "transfer you" not in result["say"]
         cur = await conn.execute("SELECT phone FROM callback_requests WHERE call_sid = %s", (sid,))
         [(phone,)] = await cur.fetchall()
