@@ -24,6 +24,7 @@ from loguru import logger
 from core.logs import LogFormat, setup_logging  # first: silences Pipecat's import banner
 
 # isort: split
+from api import phone as phone_routes  # [phone-features hook]
 from api import telephony as call_routes
 from bot.turn_models import load_turn_models
 from core.metrics import render_metrics
@@ -94,6 +95,7 @@ def create_app(
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
     app.state.active_calls = {}
     app.include_router(call_routes.router)
+    app.include_router(phone_routes.router)  # [phone-features hook]
     if settings.host in LOOPBACK_HOSTS:
         from api.webrtc import mount_client
 

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from bot.handover import AdvisorHandover  # [phone-features hook]
 from bot.pipeline import run_call
 from campaigns.dialer import record_call_outcome, record_call_status
 from core.pii import mask_phone
@@ -413,6 +414,7 @@ async def twilio_media(websocket: WebSocket) -> None:
         account_sid=settings.twilio_account_sid,
         auth_token=settings.twilio_auth_token.get_secret_value(),
         base_url=settings.twilio_api_base_url,
+        redis=resources.redis,  # [phone-features hook] no hang-up after a hand-off
     )
     transport = FastAPIWebsocketTransport(
         websocket,
@@ -441,7 +443,11 @@ async def twilio_media(websocket: WebSocket) -> None:
             transport=transport,
             session=session,
             resources=resources,
-            call_control=tw.TwilioCallControl(settings, call_sid, serializer),
+            call_control=AdvisorHandover(  # [phone-features hook] warm transfer
+                resources=resources,
+                session=session,
+                twilio=tw.TwilioCallControl(settings, call_sid, serializer),
+            ),
             options=_call_options(websocket),
         )
     except Exception as exc:

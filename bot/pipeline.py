@@ -28,13 +28,13 @@ from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.deepgram.tts import DeepgramTTSService
 from pipecat.services.openai.llm import OpenAILLMService
-from pipecat.transcriptions.language import Language
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_mute import FunctionCallUserMuteStrategy
 from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 
+from bot.features import CallFeatures, stt_language, tts_voice  # [phone-features hook]
 from bot.flows import CallFlow
 from bot.prompts import greeting, render_system_prompt
 from bot.turn_models import new_turn_analyzer, new_vad_analyzer
@@ -105,7 +105,7 @@ class OpenAISharedClientLLMService(OpenAILLMService):
         return super().create_client(*args, **kwargs)
 
 
-def _services(resources: AppResources, system_prompt: str, sample_rate: int):
+def _services(resources: AppResources, system_prompt: str, sample_rate: int, language: str = "en"):
     settings = resources.settings
     settings.require("OPENAI_API_KEY", "DEEPGRAM_API_KEY")
     assert settings.deepgram_api_key is not None and settings.openai_api_key is not None
@@ -115,7 +115,7 @@ def _services(resources: AppResources, system_prompt: str, sample_rate: int):
         sample_rate=sample_rate,
         settings=DeepgramSTTService.Settings(
             model=settings.deepgram_stt_model,
-            language=Language.EN,
+            language=stt_language(resources.profile.phone.languages),  # [phone-features hook]
             smart_format=True,
             punctuate=True,
             interim_results=True,
@@ -127,7 +127,9 @@ def _services(resources: AppResources, system_prompt: str, sample_rate: int):
         base_url=settings.deepgram_tts_url or "wss://api.deepgram.com",
         sample_rate=sample_rate,
         encoding="linear16",
-        settings=DeepgramTTSService.Settings(voice=settings.deepgram_tts_voice),
+        settings=DeepgramTTSService.Settings(
+            voice=tts_voice(settings, language)  # [phone-features hook]
+        ),
     )
     llm = OpenAISharedClientLLMService(
         client=resources.clients.openai() if resources.clients else None,
@@ -180,11 +182,19 @@ async def run_call(
         f"call {session.call_sid} {session.direction}/{session.scenario} from "
         f"{mask_phone(session.caller_phone)} starting"
     )
+    features = await CallFeatures.open(  # [phone-features hook]
+        resources=resources, session=session, ctx=ctx, call_control=call_control, now=clock
+    )
 
     system_prompt = render_system_prompt(
         session.scenario, profile=profile, session=session, now=clock()
     )
-    stt, llm, tts = _services(resources, system_prompt, options.sample_rate)
+    stt, llm, tts = _services(
+        resources,
+        system_prompt,
+        options.sample_rate,
+        session.language,  # [phone-features hook]
+    )
     settings = resources.settings
     latency = LatencyObserver(call_sid=session.call_sid)
     snapshots = SessionSnapshotProcessor(
@@ -217,9 +227,11 @@ async def run_call(
         [
             transport.input(),
             stt,
+            *features.after_stt(),  # [phone-features hook]
             *options.extra_processors_after_stt,
             aggregators.user(),
             llm,
+            *features.before_tts(),  # [phone-features hook]
             tts,
             SpokenTextAligner(),  # sentence text behind its audio: interruptions trim it
             transport.output(),
@@ -271,12 +283,14 @@ async def run_call(
         global_functions=flow.global_functions(),
     )
     flow.manager = manager
+    features.bind(worker=worker, manager=manager, flow=flow)  # [phone-features hook]
 
     tasks: set[asyncio.Task] = set()
 
     async def start_flow() -> None:
         await manager.initialize(flow.initial_node())
         session.flow_node = manager.current_node
+        await features.on_greeting_played()  # [phone-features hook]
 
     @transport.event_handler("on_client_connected")
     async def on_connected(_transport, _client) -> None:
@@ -361,6 +375,7 @@ async def run_call(
             await asyncio.gather(*tasks, return_exceptions=True)
         session.turn_metrics = latency.to_json()
         await _finish(resources, session)
+        await features.close()  # [phone-features hook]
         metrics.call_finished(session.direction, session.outcome)
     return session
 
