@@ -30,7 +30,7 @@ from core.settings import Settings
 from runner import create_app, uvicorn_config
 from tests.fakes.deepgram_stt import FakeDeepgramSTT
 from tests.fakes.deepgram_tts import FakeDeepgramTTS
-from tests.fakes.openai_chat import FakeOpenAI, Step, call_tool, say
+from tests.fakes.openai_chat import FakeOpenAI, Step, call_tool, fail, say
 from tests.fakes.twilio_media import TwilioMediaClient, new_sid
 from tests.fakes.twilio_rest import FakeTwilioREST
 
@@ -115,6 +115,33 @@ def booking_script() -> list[Step]:
         read_back,
         call_tool("end_call", {"reason": "caller is done"}),
     ]
+
+
+def with_summaries(
+    conversation: list[Step],
+    *,
+    so_far: dict[str, Any] | Step | None = None,
+    final: dict[str, Any] | Step | None = None,
+) -> list[Step]:
+    """An LLM script for a call whose summaries are also asked of the LLM.
+
+    The conversation's requests (streamed) take ``conversation`` in order, then the fake's
+    default reply; the summary requests (one non-streamed JSON completion each) get
+    ``so_far`` (the warm-transfer "summary so far") or ``final`` (after the call): a dict is
+    answered as JSON, a step as that step, ``None`` with a non-retryable 500.
+    """
+    steps = list(conversation)
+
+    def respond(body: dict[str, Any]) -> Step:
+        if not body.get("stream"):
+            system = str(body["messages"][0]["content"])
+            reply = so_far if "still in progress" in system else final
+            if reply is None:
+                return fail(500, retryable=False)
+            return say(json.dumps(reply)) if isinstance(reply, dict) else reply
+        return steps.pop(0) if steps else say("Is there anything else?")
+
+    return [respond] * 200
 
 
 @dataclass
