@@ -374,7 +374,11 @@ async def test_outbound_call_command_posts_the_twilio_request(
             "https://agent.example.com/twilio/outbound?scenario=confirmation&customer_id=2"
         )
         assert form["StatusCallback"] == "https://agent.example.com/twilio/status"
-        assert form["MachineDetection"] == "Enable"
+        # Asynchronous AMD: the voicemail is dropped after the beep (/twilio/amd).
+        assert form["MachineDetection"] == "DetectMessageEnd" and form["AsyncAmd"] == "true"
+        assert form["AsyncAmdStatusCallback"] == (
+            "https://agent.example.com/twilio/amd?scenario=confirmation&customer_id=2"
+        )
         assert "+15555550101" not in err.decode() + out.decode().replace(form["To"], "", 0)
 
 

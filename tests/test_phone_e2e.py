@@ -418,3 +418,115 @@ async def test_do_not_record_customers_are_never_recorded(
         statuses = [r.form.get("Status") for r in recording_requests(agent, client.call_sid)]
         assert statuses == [None, "stopped"]  # started, then stopped once she was verified
         assert row["recording_status"] in ("stopped", "completed")
+
+
+# --- 4. voicemail after the beep ----------------------------------------------------------
+
+
+async def placed_call(agent: Agent, *, customer_id: int, to: str, attempt: bool = False):
+    """An outbound service-due call the server places (and its campaign attempt)."""
+    from telephony.twilio import place_outbound_call
+
+    attempt_id = None
+    if attempt:
+        [row] = agent.query(
+            "INSERT INTO campaign_attempts (campaign, customer_id, local_date, reason, status, "
+            "attempt_count, dialed_at) VALUES ('service_due', %s, current_date, 'due by date', "
+            "'dialing', 1, now()) RETURNING id",
+            (customer_id,),
+        )
+        attempt_id = row["id"]
+    call_sid = await place_outbound_call(
+        agent.settings,
+        to=to,
+        scenario="service_due",
+        customer_id=customer_id,
+        campaign_attempt_id=attempt_id,
+    )
+    if attempt_id is not None:
+        agent.query(
+            "UPDATE campaign_attempts SET call_sid = %s WHERE id = %s RETURNING id",
+            (call_sid, attempt_id),
+        )
+    return call_sid, attempt_id
+
+
+async def test_voicemail_is_left_after_the_beep_and_the_attempt_recorded(
+    crm_db: str, redis_server_url: str
+) -> None:
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
+        call_sid, attempt_id = await placed_call(agent, customer_id=1, to=MARIA, attempt=True)
+        [create] = agent.twilio.requests_to("POST", "/Calls.json")
+        query = f"scenario=service_due&customer_id=1&attempt_id={attempt_id}"
+        assert create.form["MachineDetection"] == "DetectMessageEnd"
+        assert create.form["AsyncAmd"] == "true"
+        assert create.form["AsyncAmdStatusCallback"] == f"{agent.base_url}/twilio/amd?{query}"
+        assert create.form["AsyncAmdStatusCallbackMethod"] == "POST"
+        assert create.form["Url"] == f"{agent.base_url}/twilio/outbound?{query}"
+
+        # Asynchronous AMD: the call is answered and the bot starts at once; the machine's
+        # greeting plays over it. Twilio's verdict comes once the greeting ended, at the beep.
+        client = await agent.answer_placed_call(call_sid)
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        assert agent.twilio.callbacks == []
+        verdict = await agent.twilio.send_amd_verdict(call_sid, "machine_end_beep")
+        assert verdict.status == 204
+        redirect = await wait_for_redirect(agent, call_sid)
+        twiml = ET.fromstring(redirect.form["Twiml"])
+        assert [el.tag for el in twiml] == ["Say", "Hangup"]
+        message = twiml[0].text or ""
+        assert message.startswith("Hi, this is the AI assistant from Riverside Motors service")
+        assert "call us back at 5 5 5, 5 5 5, 0 1 9 9." in message  # digit by digit
+        await client.wait_closed(timeout=10)  # Twilio ended the stream for the message
+        row = await wait_for_row(agent, call_sid, summarised)
+        assert row["outcome"] == "voicemail" and row["answered_by"] == "machine_end_beep"
+        # The message plays to its end: nothing hangs the call up over it.
+        assert agent.hang_ups(call_sid) == []
+        # Twilio retries the verdict: no second message.
+        again = await agent.twilio.send_amd_verdict(call_sid, "machine_end_beep")
+        assert again.status == 204
+        assert [r for r in agent.call_updates(call_sid) if "Twiml" in r.form] == [redirect]
+        # The call completes: the attempt is a voicemail.
+        done = {"CallSid": call_sid, "CallStatus": "completed", "SequenceNumber": "4"}
+        assert (await agent.post_signed("/twilio/status", done)).status_code == 204
+        [attempt] = agent.query(
+            "SELECT status, outcome FROM campaign_attempts WHERE id = %s", (attempt_id,)
+        )
+        assert attempt == {"status": "completed", "outcome": "voicemail"}
+        # Forged and odd verdicts are refused.
+        path = f"/twilio/amd?{query}"
+        form = {"CallSid": call_sid, "AnsweredBy": "machine_end_beep"}
+        assert (await agent.http.post(path, data=form)).status_code == 403
+        odd = {"CallSid": call_sid, "AnsweredBy": "robot"}
+        assert (await agent.post_signed(path, odd)).status_code == 400
+        odd = {**form, "MachineDetectionDuration": "soon"}
+        assert (await agent.post_signed(path, odd)).status_code == 400
+        odd_query = path.replace("service_due", "inbound")
+        assert (await agent.post_signed(odd_query, form)).status_code == 400
+
+
+@pytest.mark.parametrize("answered_by", ["machine_end_silence", "human", "unknown"])
+async def test_amd_verdicts(crm_db: str, redis_server_url: str, answered_by: str) -> None:
+    llm = FakeOpenAI(with_summaries([say("Great, am I speaking with Maria?")]))
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.stt.script(["Yes, this is Maria."])
+        call_sid, _ = await placed_call(agent, customer_id=1, to=MARIA)
+        client = await agent.answer_placed_call(call_sid)
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        verdict = await agent.twilio.send_amd_verdict(call_sid, answered_by)
+        assert verdict.status == 204
+        if answered_by == "machine_end_silence":
+            redirect = await wait_for_redirect(agent, call_sid)
+            assert "5 5 5, 5 5 5, 0 1 9 9" in redirect.form["Twiml"]
+            await client.wait_closed(timeout=10)
+            row = await wait_for_row(agent, call_sid, summarised)
+            assert row["outcome"] == "voicemail"
+        else:  # a person (or Twilio could not tell): the conversation goes on
+            await say_turn(client)
+            assert agent.tts.texts[-1].strip() == "Great, am I speaking with Maria?"
+            await client.hang_up()
+            row = await wait_for_row(agent, call_sid, summarised)
+            assert row["outcome"] != "voicemail"
+            assert [r for r in agent.call_updates(call_sid) if "Twiml" in r.form] == []
+        assert row["answered_by"] == answered_by
