@@ -530,3 +530,68 @@ async def test_amd_verdicts(crm_db: str, redis_server_url: str, answered_by: str
             assert row["outcome"] != "voicemail"
             assert [r for r in agent.call_updates(call_sid) if "Twiml" in r.form] == []
         assert row["answered_by"] == answered_by
+
+
+# --- 3. keypad ----------------------------------------------------------------------------
+
+
+async def test_keyed_zip_code_verifies_without_the_model_and_zero_reaches_an_advisor(
+    crm_db: str, redis_server_url: str, tmp_path: Path
+) -> None:
+    from loguru import logger
+
+    llm = FakeOpenAI(
+        with_summaries(
+            [
+                say("Sure. What's your ZIP code? You can also key it in and press pound."),
+                say("Sorry, that wasn't a ZIP code. Could you key it again?"),
+                say("Thanks, Maria, you're verified. What can I do for you?"),
+            ]
+        )
+    )
+    log_lines: list[str] = []
+    sink = logger.add(log_lines.append, level="DEBUG", diagnose=False)
+    try:
+        async with running_agent(
+            database_url=crm_db,
+            redis_url=redis_server_url,
+            llm=llm,
+            env={"DEALERSHIP_PROFILE": profile_file(tmp_path, recording=True)},
+        ) as agent:
+            agent.stt.script(["I need to check on my appointment."])
+            client = await greeted(agent)
+            await say_turn(client)  # the bot asks for the ZIP code: keys are an entry now
+            for key in "123#":  # not a factor: the model is told so, without the digits
+                await client.send_dtmf(key)
+            await client.wait_for_bot_audio(min_seconds=0.2, timeout=20)
+            await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+            for key in "60614#":
+                await client.send_dtmf(key)
+            await client.wait_for_bot_audio(min_seconds=0.2, timeout=20)
+            await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+            assert any(t.startswith("Thanks, Maria, you're verified.") for t in agent.tts.texts)
+            await client.send_dtmf("0")  # an advisor, at any time
+            redirect = await wait_for_redirect(agent, client.call_sid)
+            await client.wait_closed(timeout=10)
+            row = await wait_for_row(agent, client.call_sid, summarised)
+            await agent.twilio.settle()
+    finally:
+        logger.remove(sink)
+
+    assert ADVISOR in redirect.form["Twiml"]
+    assert row["verified"] is True and row["customer_id"] == 1
+    assert row["transfer_reason"] == "caller pressed 0 for an advisor"
+    # The model learned the results, never the digits.
+    notes = [
+        m["content"]
+        for m in llm.requests[-1]["messages"] + llm.requests[2]["messages"]
+        if m["role"] in ("developer", "system") and "keypad" in str(m["content"])
+    ]
+    assert any("keyed in their ZIP code" in n and '"verified": true' in n for n in notes)
+    assert any("not a date of birth" in n for n in notes)
+    everything = json.dumps(llm.requests) + json.dumps(row["transcript"], default=str)
+    everything += "".join(log_lines)
+    assert "60614" not in everything and "123" not in json.dumps(row["transcript"])
+    # The keyed factor was not recorded: paused at the question, resumed after the check.
+    statuses = [r.form.get("Status") for r in recording_requests(agent, client.call_sid)]
+    assert statuses[:3] == [None, "paused", "in-progress"]
