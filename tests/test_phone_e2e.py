@@ -595,3 +595,115 @@ async def test_keyed_zip_code_verifies_without_the_model_and_zero_reaches_an_adv
     # The keyed factor was not recorded: paused at the question, resumed after the check.
     statuses = [r.form.get("Status") for r in recording_requests(agent, client.call_sid)]
     assert statuses[:3] == [None, "paused", "in-progress"]
+
+
+# --- 6. post-call summary -----------------------------------------------------------------
+
+FINAL = {
+    "reason": "Oil change for the 2021 Camry.",
+    "outcome": "Booked an oil change.",
+    "appointments": ["oil change, 2021 Toyota Camry, first open slot"],
+    "follow_ups": [],
+    "sentiment": "positive",
+    "text": "Maria called to book an oil change for her Camry and took the first slot.",
+}
+
+
+async def test_llm_summary_after_the_call_is_stored_and_shown_to_ops(
+    crm_db: str, redis_server_url: str
+) -> None:
+    from tests.harness import BOOKING_UTTERANCES, booking_script
+
+    llm = FakeOpenAI(with_summaries(booking_script(), final=FINAL))
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.stt.script(BOOKING_UTTERANCES)
+        client = await greeted(agent)
+        for _ in range(3):
+            await say_turn(client)
+        await say_turn(client, expect_reply=False)
+        await client.wait_closed(timeout=30)
+        row = await wait_for_row(agent, client.call_sid, summarised)
+
+        # One short JSON completion, after the conversation's (streamed) requests.
+        streamed = [bool(body.get("stream")) for body in llm.requests]
+        assert streamed[-1] is False and all(streamed[:-1]) and len(streamed) >= 8
+        request = llm.requests[-1]
+        assert request["response_format"] == {"type": "json_object"}
+        facts = json.loads(request["messages"][1]["content"])
+        assert facts["outcome"] == "booked" and facts["customer_verified"] is True
+        [booked] = facts["appointments_made_or_changed"]
+        assert "oil change for the 2021 Toyota Camry" in booked
+        assert row["summary_source"] == "llm"
+        assert row["summary"] == FINAL["text"] and row["summary_data"] == FINAL
+
+        path = f"/calls/{client.call_sid}/summary"
+        assert (await agent.http.get(path)).status_code == 401
+        shown = (await agent.http.get(path, headers=ADMIN)).json()
+        assert shown["summary_data"] == FINAL and shown["outcome"] == "booked"
+        assert shown["verified"] is True and "transcript" not in shown
+        unknown = await agent.http.get(f"/calls/{'CA' + 'f' * 32}/summary", headers=ADMIN)
+        assert unknown.status_code == 404
+        bad = await agent.http.get("/calls/not-a-call/summary", headers=ADMIN)
+        assert bad.status_code == 404
+
+
+async def test_summary_falls_back_to_the_template_when_the_llm_fails(
+    crm_db: str, redis_server_url: str
+) -> None:
+    llm = FakeOpenAI(with_summaries([say("Sure, I can help with that.")]))
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.stt.script(["I have a question about my car."])
+        client = await greeted(agent)
+        await say_turn(client)
+        await client.hang_up()
+        row = await wait_for_row(agent, client.call_sid, summarised)
+        assert row["summary_source"] == "template"
+        data = row["summary_data"]
+        assert data["reason"] == "Inbound call to the service department."
+        assert data["outcome"] == "The caller got information; nothing was changed."
+        assert data["sentiment"] == "unknown" and data["appointments"] == []
+        assert row["summary"].startswith("Inbound inbound call with Maria (not verified).")
+
+    # JSON of the wrong shape counts as a failure too.
+    llm = FakeOpenAI(with_summaries([say("Sure.")], final={"reason": "", "sentiment": "great"}))
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.stt.script(["Hello?"])
+        client = await greeted(agent)
+        await say_turn(client)
+        await client.hang_up()
+        row = await wait_for_row(agent, client.call_sid, summarised)
+        assert row["summary_source"] == "template" and row["summary_data"]["reason"]
+
+
+async def test_after_hours_callback_request_carries_the_summary(
+    crm_db: str, redis_server_url: str, tmp_path: Path
+) -> None:
+    final = {**FINAL, "reason": "Wants a person.", "text": "Maria asked for an advisor."}
+    llm = FakeOpenAI(
+        with_summaries(
+            [
+                call_tool("transfer_to_advisor", {"reason": "wants to talk about a repair"}),
+                say("Our advisors are away, so one will call you back when we open."),
+            ],
+            final=final,
+        )
+    )
+    async with running_agent(
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        llm=llm,
+        env={"DEALERSHIP_PROFILE": profile_file(tmp_path, open_now=False)},
+    ) as agent:
+        agent.stt.script(["Can I talk to someone about a repair?"])
+        client = await greeted(agent)
+        await say_turn(client)
+        await client.hang_up()
+        row = await wait_for_row(agent, client.call_sid, summarised)
+        assert row["outcome"] == "callback_requested"
+        assert [r.form for r in agent.call_updates(client.call_sid) if "Twiml" in r.form] == []
+        requests = agent.query(
+            "SELECT reason, summary FROM callback_requests WHERE call_sid = %s", (client.call_sid,)
+        )
+        assert requests == [
+            {"reason": "wants to talk about a repair", "summary": "Maria asked for an advisor."}
+        ]
