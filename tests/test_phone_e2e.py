@@ -707,3 +707,149 @@ async def test_after_hours_callback_request_carries_the_summary(
         assert requests == [
             {"reason": "wants to talk about a repair", "summary": "Maria asked for an advisor."}
         ]
+
+
+# --- 5. Spanish ---------------------------------------------------------------------------
+
+SPANISH_VOICE = "aura-2-celeste-es"
+
+
+def system_prompt(body: dict[str, Any]) -> str:
+    return str(body["messages"][0]["content"])
+
+
+async def test_a_caller_who_speaks_spanish_is_served_in_spanish(
+    crm_db: str, redis_server_url: str, tmp_path: Path
+) -> None:
+    from tests.harness import last_tool_result
+
+    seen: dict[str, Any] = {}
+
+    def first_reply(body: dict[str, Any]):
+        seen["first"] = body
+        return call_tool("check_availability", {"service_type": "oil_change"})
+
+    def offer(body: dict[str, Any]):
+        slots = last_tool_result(body, "check_availability")["slots"]
+        seen["slots"] = slots
+        return say(f"Tengo el {slots[0]['when']} o el {slots[1]['when']}. ¿Cuál prefiere?")
+
+    llm = FakeOpenAI(
+        with_summaries(
+            [
+                first_reply,
+                offer,
+                call_tool("transfer_to_advisor", {"reason": "quiere hablar con una persona"}),
+            ]
+        )
+    )
+    async with running_agent(
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        llm=llm,
+        env={"DEALERSHIP_PROFILE": profile_file(tmp_path)},
+    ) as agent:
+        agent.stt.script(
+            [
+                ("Hola, necesito un cambio de aceite para mi Camry.", "es"),
+                ("Prefiero hablar con una persona, por favor.", "es"),
+            ]
+        )
+        client = await greeted(agent)
+        assert agent.stt.last_query["language"] == "multi"  # nova-3 multilingual
+        assert agent.tts.queries[0]["model"] == "aura-2-asteria-en"
+        await say_turn(client)
+        # The reply to the first Spanish words is already Spanish: prompt, voice, read-back.
+        assert "Habla siempre en español" in system_prompt(seen["first"])
+        assert agent.tts.queries[-1]["model"] == SPANISH_VOICE
+        weekdays = ("lunes", "martes", "miércoles", "jueves", "viernes", "sábado", "domingo")
+        assert all(slot["when"].startswith(weekdays) for slot in seen["slots"])
+        assert " de la " in seen["slots"][0]["when"]
+        assert any(t.startswith("Tengo el ") for t in agent.tts.texts)
+        await client.send_audio(speech_ulaw(0.8))
+        redirect = await wait_for_redirect(agent, client.call_sid)
+        # The fixed transfer sentence and the hold message are Spanish too.
+        assert any("Le comunico ahora con un asesor de servicio" in t for t in agent.tts.texts), (
+            agent.tts.texts
+        )
+        hold = ET.fromstring(redirect.form["Twiml"]).find("Say")
+        assert hold is not None and hold.get("language") == "es-MX"
+        assert (hold.text or "").startswith("Por favor, espere")
+        await client.wait_closed(timeout=10)
+        row = await wait_for_row(agent, client.call_sid, summarised)
+        assert row["language"] == "es"
+        assert row["transfer_whisper"].endswith("The caller speaks Spanish.")
+        answers = await agent.twilio.run_dial(client.call_sid, outcome="busy")
+        sorry = ET.fromstring(answers["action"].body).find("Say")
+        assert sorry is not None and sorry.get("language") == "es-MX"
+        assert (sorry.text or "").startswith("Lo siento, ningún asesor")
+
+
+async def test_key_nine_switches_to_spanish(crm_db: str, redis_server_url: str) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def goodbye(body: dict[str, Any]):
+        seen.append(body)
+        return call_tool("end_call", {"reason": "listo"})
+
+    llm = FakeOpenAI(with_summaries([goodbye]))
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.stt.script(["No, eso es todo, gracias."])
+        client = await greeted(agent)
+        assert agent.tts.texts[0].strip().endswith("Para español, oprima nueve.")
+        await client.send_dtmf("9")
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        assert agent.tts.texts[-1].strip() == (
+            "Con gusto le atiendo en español. ¿En qué le puedo ayudar?"
+        )
+        assert agent.tts.queries[-1]["model"] == SPANISH_VOICE
+        await client.send_audio(speech_ulaw(0.8))
+        await client.wait_closed(timeout=20)
+        assert "Habla siempre en español" in system_prompt(seen[0])
+        assert agent.tts.texts[-1].strip() == "Gracias por llamar a Riverside Motors. ¡Adiós!"
+        row = await wait_for_row(agent, client.call_sid, summarised)
+        assert row["language"] == "es"
+
+
+async def test_crm_preferred_language_makes_outbound_calls_spanish(
+    crm_db: str, redis_server_url: str
+) -> None:
+    with psycopg.connect(crm_db, autocommit=True) as conn:
+        conn.execute("UPDATE customers SET preferred_language = 'es' WHERE id = 2")
+    seen: list[dict[str, Any]] = []
+
+    def reply(body: dict[str, Any]):
+        seen.append(body)
+        return say("Gracias, James. Para verificar, ¿me da su fecha de nacimiento?")
+
+    llm = FakeOpenAI(with_summaries([reply]))
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.stt.script([("Sí, soy James.", "es")])
+        client = await agent.answered_outbound_call(
+            to="+15555550101", scenario="confirmation", customer_id=2, answered_by=None
+        )
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        assert agent.tts.texts[0].strip() == (
+            "Hola, le habla el asistente de inteligencia artificial del servicio de "
+            "Riverside Motors. ¿Hablo con James?"
+        )
+        assert agent.tts.queries[0]["model"] == SPANISH_VOICE
+        await say_turn(client)
+        assert "Habla siempre en español" in system_prompt(seen[0])
+        assert "confirmar su próxima cita" in system_prompt(seen[0])
+        await client.hang_up()
+        row = await wait_for_row(agent, client.call_sid, summarised)
+        assert row["language"] == "es"
+
+        # His voicemail is Spanish too, with the number digit by digit.
+        call_sid, _ = await placed_call(agent, customer_id=2, to="+15555550101")
+        machine = await agent.answer_placed_call(call_sid)
+        await machine.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await agent.twilio.send_amd_verdict(call_sid, "machine_end_other")
+        redirect = await wait_for_redirect(agent, call_sid)
+        message = ET.fromstring(redirect.form["Twiml"]).find("Say")
+        assert message is not None and message.get("language") == "es-MX"
+        assert (message.text or "").startswith("Hola, le habla el asistente")
+        assert "al 5 5 5, 5 5 5, 0 1 9 9." in (message.text or "")
