@@ -38,6 +38,7 @@ from campaigns.dialer import record_call_outcome, record_call_status
 from core.pii import mask_phone
 from core.resources import AppResources
 from crm import calls as crm_calls
+from crm import phone as crm_phone  # [phone-features hook]
 from telephony import twilio as tw
 from tools.context import CallSession
 
@@ -202,10 +203,7 @@ async def twilio_outbound(request: Request) -> Response:
             await crm_calls.start_call(
                 conn, call_sid=call_sid, direction="outbound", scenario=scenario
             )
-            await conn.execute(
-                "UPDATE calls SET outcome = 'voicemail', ended_at = now() WHERE call_sid = %(sid)s",
-                {"sid": call_sid},
-            )
+            await crm_phone.end_voicemail_call(conn, call_sid=call_sid)  # [phone-features hook]
         profile = resources.profile
         return _xml(
             tw.voicemail_twiml(
