@@ -351,7 +351,9 @@ class CallFeatures:
         if not self.keypad_armed:
             if entry == SPANISH_KEY and "es" in self.languages and self.session.language != "es":
                 self.detector.decide("es")
-                return [*self._language_frames("es"), TTSSpeakFrame(text("switched", "es"))]
+                recorded = text("recorded", "es") if self._should_record() else ""
+                ack = text("switched", "es", recorded=recorded)
+                return [*self._language_frames("es"), TTSSpeakFrame(ack)]
             return None
         factor = keyed_factor(entry)
         if factor is None:

@@ -63,8 +63,16 @@ class AdvisorHandover:
             Exception: The redirect failed (the bot apologises and ends the call).
         """
         session = self.session
-        settings = self.resources.settings
         await tw.mark_handed_off(self.resources.redis, session.call_sid)
+        try:
+            await self._redirect(number)
+        except BaseException:
+            await tw.clear_handed_off(self.resources.redis, session.call_sid)
+            raise
+
+    async def _redirect(self, number: str) -> None:
+        session = self.session
+        settings = self.resources.settings
         if not self.resources.profile.phone.warm_transfer:
             await self.twilio.redirect(cold_transfer_twiml(number))
             logger.info(f"call {session.call_sid} redirected to the advisor line (cold)")

@@ -43,8 +43,8 @@ _TEXTS: dict[str, dict[str, str]] = {
     "recorded": {"en": " This call is recorded.", "es": " Esta llamada se graba."},
     "spanish_offer": {"en": " Para español, oprima nueve.", "es": ""},
     "switched": {
-        "en": "Sure, I'll continue in English. How can I help you?",
-        "es": "Con gusto le atiendo en español. ¿En qué le puedo ayudar?",
+        "en": "Sure, I'll continue in English.{recorded} How can I help you?",
+        "es": "Con gusto le atiendo en español.{recorded} ¿En qué le puedo ayudar?",
     },
     "apology_transfer": {
         "en": "I'm sorry, I'm having trouble on my side right now.",

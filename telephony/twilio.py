@@ -428,6 +428,11 @@ async def mark_handed_off(redis: aioredis.Redis, call_sid: str) -> None:
     await redis.set(HANDED_OFF_KEY.format(call_sid=call_sid), "1", ex=HANDED_OFF_TTL_SECS)
 
 
+async def clear_handed_off(redis: aioredis.Redis, call_sid: str) -> None:
+    """The hand-off did not happen (the redirect failed): hang-ups apply again."""
+    await redis.delete(HANDED_OFF_KEY.format(call_sid=call_sid))
+
+
 async def is_handed_off(redis: aioredis.Redis, call_sid: str) -> bool:
     """Whether the call was handed to other TwiML (see :func:`mark_handed_off`)."""
     return bool(await redis.exists(HANDED_OFF_KEY.format(call_sid=call_sid)))
