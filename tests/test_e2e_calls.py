@@ -289,7 +289,7 @@ async def test_llm_failure_mid_call_apologises_and_transfers(
         end = await client.send_audio(speech_ulaw(0.8))
         await client.wait_for_bot_audio(min_seconds=0.3, timeout=20, since=end)
         update = await wait_for_update(agent, client.call_sid)
-        assert "<Dial>" in update.form["Twiml"] and "+15555550142" in update.form["Twiml"]
+        assert "<Dial " in update.form["Twiml"] and "+15555550142" in update.form["Twiml"]
         await client.hang_up()  # Twilio ends the stream once the call is redirected
         row = await agent.wait_for_call_row(client.call_sid)
         assert row["outcome"] in ("failed", "transferred")

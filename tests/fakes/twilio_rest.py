@@ -42,18 +42,22 @@ from twilio.request_validator import RequestValidator
 API_VERSION = "2010-04-01"
 
 
-class RecordedRequest(NamedTuple):
-    """One authenticated request the fake received.
+class _Request(NamedTuple):
+    method: str
+    path: str
+    form: dict[str, str]
+
+
+class RecordedRequest(_Request):
+    """One authenticated request the fake received (unpacks as ``method, path, form``).
 
     Attributes:
         method: HTTP method.
         path: URL path.
         form: Form fields (the last value of a repeated field).
+        at: Monotonic time it arrived.
     """
 
-    method: str
-    path: str
-    form: dict[str, str]
     at: float = 0.0
 
 
@@ -282,7 +286,9 @@ class FakeTwilioREST:
         lists: dict[str, list[str]] = {}
         for key, value in pairs:
             lists.setdefault(key, []).append(value)
-        self.requests.append(RecordedRequest(request.method, request.path, form, time.monotonic()))
+        recorded = RecordedRequest(request.method, request.path, form)
+        recorded.at = time.monotonic()
+        self.requests.append(recorded)
         self.form_lists.append(lists)
         if request.match_info["account"] != self.account_sid:
             return self._error(404, 20404, "The requested resource was not found")
