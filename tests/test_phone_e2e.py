@@ -853,3 +853,50 @@ async def test_crm_preferred_language_makes_outbound_calls_spanish(
         assert message is not None and message.get("language") == "es-MX"
         assert (message.text or "").startswith("Hola, le habla el asistente")
         assert "al 5 5 5, 5 5 5, 0 1 9 9." in (message.text or "")
+
+
+# --- profile switches off -----------------------------------------------------------------
+
+
+async def test_switches_off_cold_transfer_no_pause_english_only(
+    crm_db: str, redis_server_url: str, tmp_path: Path
+) -> None:
+    llm = FakeOpenAI(
+        with_summaries(
+            [
+                say("Sure. What's your date of birth?"),
+                call_tool("verify_customer", {"date_of_birth": "1985-04-12"}),
+                call_tool("transfer_to_advisor", {"reason": "wants a person"}),
+            ]
+        )
+    )
+    profile = profile_file(
+        tmp_path,
+        recording=True,
+        phone={
+            "languages": ["en"],
+            "warm_transfer": False,
+            "pause_recording_during_verification": False,
+        },
+    )
+    async with running_agent(
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        llm=llm,
+        env={"DEALERSHIP_PROFILE": profile},
+    ) as agent:
+        agent.stt.script(["I have a question.", "April twelfth, 1985."])
+        client = await greeted(agent)
+        assert agent.stt.last_query["language"] == "en"
+        assert "oprima" not in agent.tts.texts[0]
+        await say_turn(client)
+        await client.send_audio(speech_ulaw(0.8))
+        redirect = await wait_for_redirect(agent, client.call_sid)
+        assert ET.fromstring(redirect.form["Twiml"]).find("Dial").text == ADVISOR  # type: ignore[union-attr]
+        assert "Number" not in redirect.form["Twiml"] and "Say" not in redirect.form["Twiml"]
+        await client.wait_closed(timeout=10)
+        row = await wait_for_row(agent, client.call_sid, summarised)
+        assert row["transfer_status"] is None and row["outcome"] == "transferred"
+        # Recorded throughout: no pause for the date of birth.
+        statuses = [r.form.get("Status") for r in recording_requests(agent, client.call_sid)]
+        assert statuses == [None]
