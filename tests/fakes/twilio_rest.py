@@ -132,9 +132,12 @@ class FakeTwilioREST:
     """Fake Twilio REST server for the Calls resource.
 
     Endpoints: ``POST /2010-04-01/Accounts/{AC}/Calls.json`` (create),
-    ``POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json`` (update) and
-    ``GET /2010-04-01/Accounts/{AC}/Calls/{CA}.json`` (fetch). Basic auth must match
-    the account SID and auth token (401 otherwise).
+    ``POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json`` (update),
+    ``GET /2010-04-01/Accounts/{AC}/Calls/{CA}.json`` (fetch),
+    ``POST .../Calls/{CA}/Recordings.json`` (start a recording),
+    ``POST .../Calls/{CA}/Recordings/{RE}.json`` (pause, resume, stop) and
+    ``GET /2010-04-01/Accounts/{AC}/Recordings/{RE}.mp3|.wav`` (media). Basic auth must
+    match the account SID and auth token (401 otherwise).
 
     Attributes:
         base_url: ``http://127.0.0.1:PORT`` once started.
