@@ -375,8 +375,8 @@ async def run_call(
             await asyncio.gather(*tasks, return_exceptions=True)
         session.turn_metrics = latency.to_json()
         await _finish(resources, session)
-        await features.close()  # [phone-features hook]
         metrics.call_finished(session.direction, session.outcome)
+        await features.close()  # [phone-features hook] post-call summary
     return session
 
 
