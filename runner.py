@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from core.logs import LogFormat, setup_logging  # first: silences Pipecat's import banner
 
 # isort: split
+from api import phone as phone_routes  # [phone-features hook]
 from api import sms as sms_routes
 from api import telephony as call_routes
 from bot.turn_models import load_turn_models
@@ -152,6 +153,7 @@ def create_app(
     from ops import mount_console  # the service manager's console under /ops
 
     mount_console(app)
+    app.include_router(phone_routes.router)  # [phone-features hook]
     webrtc = None
     if settings.webrtc_dev:
         from api.webrtc import mount_client

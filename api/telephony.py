@@ -32,11 +32,13 @@ from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from bot.handover import AdvisorHandover  # [phone-features hook]
 from bot.pipeline import run_call
 from campaigns.dialer import record_call_outcome, record_call_status
 from core.pii import mask_phone
 from core.resources import AppResources
 from crm import calls as crm_calls
+from crm import phone as crm_phone  # [phone-features hook]
 from telephony import twilio as tw
 from tools.context import CallSession
 
@@ -201,10 +203,7 @@ async def twilio_outbound(request: Request) -> Response:
             await crm_calls.start_call(
                 conn, call_sid=call_sid, direction="outbound", scenario=scenario
             )
-            await conn.execute(
-                "UPDATE calls SET outcome = 'voicemail', ended_at = now() WHERE call_sid = %(sid)s",
-                {"sid": call_sid},
-            )
+            await crm_phone.end_voicemail_call(conn, call_sid=call_sid)  # [phone-features hook]
         profile = resources.profile
         return _xml(
             tw.voicemail_twiml(
@@ -420,6 +419,7 @@ async def twilio_media(websocket: WebSocket) -> None:
         account_sid=settings.twilio_account_sid,
         auth_token=settings.twilio_auth_token.get_secret_value(),
         base_url=settings.twilio_api_base_url,
+        redis=resources.redis,  # [phone-features hook] no hang-up after a hand-off
     )
     transport = FastAPIWebsocketTransport(
         websocket,
@@ -445,7 +445,11 @@ async def twilio_media(websocket: WebSocket) -> None:
             transport=transport,
             session=session,
             resources=resources,
-            call_control=tw.TwilioCallControl(settings, call_sid, serializer),
+            call_control=AdvisorHandover(  # [phone-features hook] warm transfer
+                resources=resources,
+                session=session,
+                twilio=tw.TwilioCallControl(settings, call_sid, serializer),
+            ),
             options=_call_options(websocket),
             # Loaded by the call itself, so a database outage cannot stop it starting.
             customer_id=tw.parse_id(claims.customer_id),

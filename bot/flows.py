@@ -24,6 +24,7 @@ from loguru import logger
 from pipecat.flows import FlowArgs, FlowManager, FlowsFunctionSchema, NodeConfig
 from pipecat.frames.frames import LLMMessagesAppendFrame
 
+from bot.i18n import localize_result
 from tools.registry import TOOLS, ToolContext, run_tool
 
 IDENTIFY_TOOLS = ("lookup_customer", "verify_customer")
@@ -79,7 +80,9 @@ class CallFlow:
                 await self._report_late_result(name, flow_manager)
                 raise
             self.ctx.session.flow_node = flow_manager.current_node
-            return result, self.next_node(name, result)
+            # Dates and times read back in the call's language (Spanish labels).
+            spoken = localize_result(result, self.ctx.session.language)
+            return spoken, self.next_node(name, result)
 
         return FlowsFunctionSchema(
             name=schema.name,

@@ -32,7 +32,6 @@ from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.deepgram.tts import DeepgramTTSService
 from pipecat.services.openai.llm import OpenAILLMService
-from pipecat.transcriptions.language import Language
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_mute import FunctionCallUserMuteStrategy
 from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
@@ -40,6 +39,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 
 from bot.failures import CallRescue
+from bot.features import CallFeatures, stt_language, tts_voice  # [phone-features hook]
 from bot.flows import CallFlow
 from bot.prompts import greeting, render_system_prompt
 from bot.turn_models import new_turn_analyzer, new_vad_analyzer
@@ -210,7 +210,7 @@ async def _close_quietly(stream: Any) -> None:
             logger.debug(f"closing an abandoned LLM stream failed: {type(exc).__name__}")
 
 
-def _services(resources: AppResources, system_prompt: str, sample_rate: int):
+def _services(resources: AppResources, system_prompt: str, sample_rate: int, language: str = "en"):
     settings = resources.settings
     settings.require("OPENAI_API_KEY", "DEEPGRAM_API_KEY")
     assert settings.deepgram_api_key is not None and settings.openai_api_key is not None
@@ -220,7 +220,7 @@ def _services(resources: AppResources, system_prompt: str, sample_rate: int):
         sample_rate=sample_rate,
         settings=DeepgramSTTService.Settings(
             model=settings.deepgram_stt_model,
-            language=Language.EN,
+            language=stt_language(resources.profile.phone.languages),  # [phone-features hook]
             smart_format=True,
             punctuate=True,
             interim_results=True,
@@ -232,7 +232,9 @@ def _services(resources: AppResources, system_prompt: str, sample_rate: int):
         base_url=settings.deepgram_tts_url or "wss://api.deepgram.com",
         sample_rate=sample_rate,
         encoding="linear16",
-        settings=DeepgramTTSService.Settings(voice=settings.deepgram_tts_voice),
+        settings=DeepgramTTSService.Settings(
+            voice=tts_voice(settings, language)  # [phone-features hook]
+        ),
     )
     llm = OpenAISharedClientLLMService(
         client=resources.clients.openai() if resources.clients else None,
@@ -287,10 +289,18 @@ async def run_call(
     incidents: list[str] = []
 
     prompt_session = dataclasses.replace(session)  # who we know before the lookup
+    features = CallFeatures.create(  # [phone-features hook]
+        resources=resources, session=session, ctx=ctx, call_control=call_control, now=clock
+    )
     system_prompt = render_system_prompt(
         session.scenario, profile=profile, session=prompt_session, now=clock()
     )
-    stt, llm, tts = _services(resources, system_prompt, options.sample_rate)
+    stt, llm, tts = _services(
+        resources,
+        system_prompt,
+        options.sample_rate,
+        session.language,  # [phone-features hook]
+    )
     latency = LatencyObserver(call_sid=session.call_sid)
     snapshot_store = SnapshotStore(
         resources.redis, ttl_secs=settings.snapshot_ttl_secs, prefix=settings.redis_key_prefix
@@ -328,10 +338,12 @@ async def run_call(
         [
             transport.input(),
             stt,
+            *features.after_stt(),  # [phone-features hook]
             *options.extra_processors_after_stt,
             aggregators.user(),
             llm,
             dead_air,  # speaks while the LLM (or a tool) keeps the caller waiting
+            *features.before_tts(),  # [phone-features hook]
             tts,
             SpokenTextAligner(),  # sentence text behind its audio: interruptions trim it
             transport.output(),
@@ -381,6 +393,7 @@ async def run_call(
         global_functions=flow.global_functions(),
     )
     flow.manager = manager
+    features.bind(worker=worker, manager=manager, flow=flow)  # [phone-features hook]
 
     async def to_transfer_node() -> None:
         if state["flow_started"]:
@@ -430,6 +443,9 @@ async def run_call(
         if not database_up:
             await rescue.database_down_at_start(hello="" if said_hello else hello)
             return
+        switch = await features.apply_customer()  # [phone-features hook] CRM preferences
+        if switch:
+            await worker.queue_frames(switch)
         if session.customer_id != prompt_session.customer_id:
             # The lookup found the caller: the prompt says whom caller ID matched.
             prompt = render_system_prompt(
@@ -453,6 +469,7 @@ async def run_call(
         state["flow_started"] = True
         await manager.initialize(flow.initial_node())
         session.flow_node = manager.current_node
+        await features.on_greeting_played()  # [phone-features hook]
 
     @transport.event_handler("on_client_connected")
     async def on_connected(_transport, _client) -> None:
@@ -548,6 +565,7 @@ async def run_call(
         if snapshots.failures:
             # Redis was down at some point: make sure the call leaves the active set.
             _finish_snapshot_later(snapshot_store, session.call_sid)
+        await features.close()  # [phone-features hook] post-call summary
     return session
 
 

@@ -305,6 +305,33 @@ class CampaignSettings:
     default_miles_per_day: float = 35.0
 
 
+#: Languages the bot can serve a call in (prompts, fixed sentences, voices).
+SUPPORTED_LANGUAGES = ("en", "es")
+
+
+@dataclass(frozen=True)
+class PhoneSettings:
+    """Phone features (``[phone]``).
+
+    Attributes:
+        languages: Languages offered, the first being the default (``en``, ``es``).
+        pause_recording_during_verification: Pause the recording while the caller gives
+            a verification factor (date of birth, ZIP code, VIN), resume after the check.
+        warm_transfer: Whisper a summary to the advisor and play a hold message to the
+            caller (``False``: a plain ``<Dial>``).
+        transfer_ring_secs: How long the advisor line rings before the caller is told
+            nobody answered and a callback is recorded.
+        llm_summary: Write the post-call summary with the LLM (a template otherwise, and
+            whenever the LLM fails).
+    """
+
+    languages: tuple[str, ...] = ("en",)
+    pause_recording_during_verification: bool = True
+    warm_transfer: bool = True
+    transfer_ring_secs: int = 20
+    llm_summary: bool = True
+
+
 @dataclass(frozen=True)
 class TextingSettings:
     """Text message settings (``[texting]``).
@@ -353,6 +380,7 @@ class DealershipProfile:
     campaigns: CampaignSettings = field(default_factory=CampaignSettings)
     address: str = ""
     texting: TextingSettings = field(default_factory=TextingSettings)
+    phone: PhoneSettings = field(default_factory=PhoneSettings)
 
     def speech_keyterms(self) -> list[str]:
         """Words the speech recognizer should favour: name, makes, models, services."""
@@ -441,6 +469,32 @@ class _Texting(BaseModel):
         return self
 
 
+def _languages(value: object) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(code, str) for code in value)
+        or len(set(value)) != len(value)
+    ):
+        raise ValueError(f"expected a list of distinct language codes, got {value!r}")
+    unknown = [code for code in value if code not in SUPPORTED_LANGUAGES]
+    if unknown:
+        raise ValueError(
+            f"unsupported language {unknown[0]!r} (supported: {', '.join(SUPPORTED_LANGUAGES)})"
+        )
+    return tuple(value)
+
+
+class _Phone(BaseModel):
+    """``[phone]``: languages, recording pauses, warm transfer, summaries."""
+
+    languages: Annotated[tuple[str, ...], PlainValidator(_languages)] = ("en",)
+    pause_recording_during_verification: StrictBool = True
+    warm_transfer: StrictBool = True
+    transfer_ring_secs: Annotated[int, _between(int, 5, 120)] = 20
+    llm_summary: StrictBool = True
+
+
 class _ProfileFile(BaseModel):
     """The profile TOML document. Unknown keys are ignored."""
 
@@ -464,6 +518,7 @@ class _ProfileFile(BaseModel):
     campaigns: _Campaigns = _Campaigns()
     address: Annotated[StrictStr, StringConstraints(strip_whitespace=True, max_length=200)] = ""
     texting: _Texting = _Texting()
+    phone: _Phone = _Phone()
 
     @field_validator("hours")
     @classmethod
@@ -534,6 +589,7 @@ class _ProfileFile(BaseModel):
             texting=TextingSettings(
                 **{name: getattr(self.texting, name) for name in _Texting.model_fields}
             ),
+            phone=PhoneSettings(**self.phone.model_dump()),
         )
 
 

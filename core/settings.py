@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     deepgram_tts_url: str | None = Field(default=None, alias="DEEPGRAM_TTS_URL")
     deepgram_stt_model: str = Field(default="nova-3", alias="DEEPGRAM_STT_MODEL")
     deepgram_tts_voice: str = Field(default="aura-2-asteria-en", alias="DEEPGRAM_TTS_VOICE")
+    deepgram_tts_voice_es: str = Field(default="aura-2-celeste-es", alias="DEEPGRAM_TTS_VOICE_ES")
 
     # Twilio
     twilio_account_sid: str | None = Field(default=None, alias="TWILIO_ACCOUNT_SID")

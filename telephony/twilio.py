@@ -417,18 +417,61 @@ def voicemail_twiml(message: str) -> str:
     )
 
 
+#: Set when a live call was handed to other TwiML (an advisor, a voicemail drop): the
+#: media stream ending must then not hang the call up, whichever process runs it.
+HANDED_OFF_KEY = "voice_agent:call_handed_off:{call_sid}"
+HANDED_OFF_TTL_SECS = 6 * 3600
+
+
+async def mark_handed_off(redis: aioredis.Redis, call_sid: str) -> None:
+    """Record that the call now runs other TwiML (before redirecting it)."""
+    await redis.set(HANDED_OFF_KEY.format(call_sid=call_sid), "1", ex=HANDED_OFF_TTL_SECS)
+
+
+async def clear_handed_off(redis: aioredis.Redis, call_sid: str) -> None:
+    """The hand-off did not happen (the redirect failed): hang-ups apply again."""
+    await redis.delete(HANDED_OFF_KEY.format(call_sid=call_sid))
+
+
+async def is_handed_off(redis: aioredis.Redis, call_sid: str) -> bool:
+    """Whether the call was handed to other TwiML (see :func:`mark_handed_off`)."""
+    return bool(await redis.exists(HANDED_OFF_KEY.format(call_sid=call_sid)))
+
+
 class DealershipTwilioSerializer(TwilioFrameSerializer):
     """Pipecat's Twilio serializer, whose automatic hang-up can be switched off.
 
-    After a transfer the call leg belongs to the advisor: the pipeline ending must not
-    hang it up.
+    After a transfer the call leg belongs to the advisor, and after a voicemail redirect to
+    the message: the pipeline ending must not hang it up. With ``redis`` the hang-up is
+    also skipped when any process marked the call handed off (:func:`mark_handed_off`).
+
+    Args:
+        *args: Passed to :class:`TwilioFrameSerializer`.
+        redis: The process's Redis client (optional).
+        **kwargs: Passed to :class:`TwilioFrameSerializer`.
     """
 
     _odd_messages = 0
 
+    def __init__(self, *args, redis: aioredis.Redis | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._redis = redis
+
     def suppress_hang_up(self) -> None:
         """Do not hang the call up when the pipeline ends."""
         self._hangup_attempted = True
+
+    async def _hang_up_call(self) -> None:
+        if self._redis is not None and self._call_sid:
+            try:
+                if await is_handed_off(self._redis, self._call_sid):
+                    logger.info(f"call {self._call_sid} was handed off; not hanging up")
+                    return
+            except Exception as exc:  # hang up as before: the stream is over anyway
+                logger.warning(
+                    f"call {self._call_sid}: hand-off marker unreadable: {type(exc).__name__}"
+                )
+        await super()._hang_up_call()
 
     async def deserialize(self, data: str | bytes) -> Frame | None:
         """Pipecat's deserialization, with messages of any other shape dropped.
@@ -480,13 +523,18 @@ class TwilioCallControl:
         self._call_sid = call_sid
         self._serializer = serializer
 
-    async def transfer(self, number: str) -> None:
-        """Redirect the call to ``<Dial>`` the advisor; the media stream then ends."""
-        await self.redirect(dial_twiml(number))
-        logger.info(f"call {self._call_sid} redirected to the advisor line")
+    @property
+    def call_sid(self) -> str:
+        """The live call."""
+        return self._call_sid
+
+    @property
+    def settings(self) -> Settings:
+        """Settings (credentials, base URL, public URL)."""
+        return self._settings
 
     async def redirect(self, twiml: str) -> None:
-        """Replace the live call's TwiML (the media stream then ends; no hang-up after)."""
+        """Hand the call to other TwiML; the media stream then ends without a hang-up."""
         if self._serializer is not None:
             self._serializer.suppress_hang_up()
         client = twilio_client(self._settings)
@@ -497,6 +545,11 @@ class TwilioCallControl:
                 .update(twiml=twiml)
             )
         )
+
+    async def transfer(self, number: str) -> None:
+        """Redirect the call to ``<Dial>`` the advisor; the media stream then ends."""
+        await self.redirect(dial_twiml(number))
+        logger.info(f"call {self._call_sid} redirected to the advisor line")
 
 
 async def place_outbound_call(
@@ -509,8 +562,11 @@ async def place_outbound_call(
 ) -> str:
     """Create an outbound call that streams to this server once answered.
 
-    Twilio fetches ``/twilio/outbound`` (signed) when the call is answered; answering-
-    machine detection decides between the bot and a short voicemail there.
+    Twilio fetches ``/twilio/outbound`` (signed) as soon as the call is answered and the
+    bot starts. Answering-machine detection runs asynchronously meanwhile
+    (``AsyncAmd=true``, ``MachineDetection=DetectMessageEnd``): Twilio posts its verdict to
+    ``/twilio/amd`` once a machine's greeting has ended (the beep), and the server then
+    drops the voicemail (:mod:`api.phone`).
 
     Args:
         settings: Settings (credentials, numbers, public URL).
@@ -531,6 +587,7 @@ async def place_outbound_call(
         query += f"&attempt_id={campaign_attempt_id}"
     url = public_url(settings, f"/twilio/outbound?{query}")
     status_url = public_url(settings, "/twilio/status")
+    amd_url = public_url(settings, f"/twilio/amd?{query}")
     call = await asyncio.to_thread(
         lambda: client.api.v2010.accounts(settings.twilio_account_sid).calls.create(
             to=to,
@@ -539,7 +596,10 @@ async def place_outbound_call(
             method="POST",
             status_callback=status_url,
             status_callback_event=["initiated", "ringing", "answered", "completed"],
-            machine_detection="Enable",
+            machine_detection="DetectMessageEnd",
+            async_amd="true",
+            async_amd_status_callback=amd_url,
+            async_amd_status_callback_method="POST",
         )
     )
     return str(call.sid)

@@ -32,7 +32,7 @@ from runner import create_app, uvicorn_config
 from tests.conftest_db import delete_keys, new_name
 from tests.fakes.deepgram_stt import FakeDeepgramSTT
 from tests.fakes.deepgram_tts import FakeDeepgramTTS
-from tests.fakes.openai_chat import FakeOpenAI, Step, call_tool, say
+from tests.fakes.openai_chat import FakeOpenAI, Step, call_tool, fail, say
 from tests.fakes.twilio_media import TwilioMediaClient, new_sid
 from tests.fakes.twilio_rest import FakeTwilioREST
 
@@ -119,6 +119,33 @@ def booking_script() -> list[Step]:
     ]
 
 
+def with_summaries(
+    conversation: list[Step],
+    *,
+    so_far: dict[str, Any] | Step | None = None,
+    final: dict[str, Any] | Step | None = None,
+) -> list[Step]:
+    """An LLM script for a call whose summaries are also asked of the LLM.
+
+    The conversation's requests (streamed) take ``conversation`` in order, then the fake's
+    default reply; the summary requests (one non-streamed JSON completion each) get
+    ``so_far`` (the warm-transfer "summary so far") or ``final`` (after the call): a dict is
+    answered as JSON, a step as that step, ``None`` with a non-retryable 500.
+    """
+    steps = list(conversation)
+
+    def respond(body: dict[str, Any]) -> Step:
+        if not body.get("stream"):
+            system = str(body["messages"][0]["content"])
+            reply = so_far if "still in progress" in system else final
+            if reply is None:
+                return fail(500, retryable=False)
+            return say(json.dumps(reply)) if isinstance(reply, dict) else reply
+        return steps.pop(0) if steps else say("Is there anything else?")
+
+    return [respond] * 200
+
+
 @dataclass
 class Agent:
     """The running server and its fakes."""
@@ -168,9 +195,18 @@ class Agent:
         return client
 
     async def answered_outbound_call(
-        self, *, to: str, scenario: str, customer_id: int, call_sid: str | None = None
+        self,
+        *,
+        to: str,
+        scenario: str,
+        customer_id: int,
+        call_sid: str | None = None,
+        answered_by: str | None = "human",
     ) -> TwilioMediaClient:
-        """An outbound call a person answered: Twilio fetches /twilio/outbound, then streams."""
+        """An outbound call a person answered: Twilio fetches /twilio/outbound, then streams.
+
+        ``answered_by=None`` is a call with asynchronous AMD (no ``AnsweredBy`` yet).
+        """
         call_sid = call_sid or new_sid("CA")
         path = f"/twilio/outbound?scenario={scenario}&customer_id={customer_id}"
         form = {
@@ -178,8 +214,9 @@ class Agent:
             "AccountSid": ACCOUNT_SID,
             "To": to,
             "From": "+15555550199",
-            "AnsweredBy": "human",
         }
+        if answered_by is not None:
+            form["AnsweredBy"] = answered_by
         response = await self.post_signed(path, form)
         assert response.status_code == 200, response.text
         url, params = parse_stream_twiml(response.text)
@@ -189,6 +226,41 @@ class Agent:
         self.clients.append(client)
         await client.connect()
         return client
+
+    async def answer_placed_call(self, call_sid: str) -> TwilioMediaClient:
+        """A call the server placed (through the REST fake) is answered: Twilio fetches
+        its ``Url`` (no ``AnsweredBy`` with asynchronous AMD), then streams."""
+        call = self.twilio.calls[call_sid]
+        url = call["url"]
+        assert url and url.startswith(self.base_url), url
+        form = {
+            "CallSid": call_sid,
+            "AccountSid": ACCOUNT_SID,
+            "To": call["to"],
+            "From": call["from"],
+            "CallStatus": "in-progress",
+            "Direction": "outbound-api",
+        }
+        response = await self.http.post(
+            url.removeprefix(self.base_url),
+            data=form,
+            headers={"X-Twilio-Signature": sign(url, form)},
+        )
+        assert response.status_code == 200, response.text
+        stream_url, params = parse_stream_twiml(response.text)
+        client = TwilioMediaClient(
+            stream_url, call_sid=call_sid, account_sid=ACCOUNT_SID, custom_parameters=params
+        )
+        self.clients.append(client)
+        await client.connect()
+        return client
+
+    async def end_stream(self, call_sid: str) -> None:
+        """Twilio ends a call's media stream (``stop``, then the socket closes), as it does
+        when the call gets new TwiML."""
+        for client in self.clients:
+            if client.call_sid == call_sid and not client.closed:
+                await client.hang_up()
 
     def call_updates(self, call_sid: str) -> list[Any]:
         """REST updates of a live call (``POST .../Calls/{sid}.json``), in order."""
@@ -302,9 +374,19 @@ async def running_agent(
             http=http,
             observe_database_url=observe_database_url,
         )
+        streams_ended: set[asyncio.Task] = set()
+
+        def redirected(call_sid: str) -> None:
+            task = asyncio.ensure_future(agent.end_stream(call_sid))
+            streams_ended.add(task)
+            task.add_done_callback(streams_ended.discard)
+
+        twilio.on_redirect = redirected
         try:
             yield agent
         finally:
+            if streams_ended:
+                await asyncio.gather(*streams_ended, return_exceptions=True)
             for client in agent.clients:
                 await client.close()
             await http.aclose()

@@ -289,7 +289,7 @@ async def test_llm_failure_mid_call_apologises_and_transfers(
         end = await client.send_audio(speech_ulaw(0.8))
         await client.wait_for_bot_audio(min_seconds=0.3, timeout=20, since=end)
         update = await wait_for_update(agent, client.call_sid)
-        assert "<Dial>" in update.form["Twiml"] and "+15555550142" in update.form["Twiml"]
+        assert "<Dial " in update.form["Twiml"] and "+15555550142" in update.form["Twiml"]
         await client.hang_up()  # Twilio ends the stream once the call is redirected
         row = await agent.wait_for_call_row(client.call_sid)
         assert row["outcome"] in ("failed", "transferred")
@@ -375,7 +375,11 @@ async def test_outbound_call_command_posts_the_twilio_request(
             "https://agent.example.com/twilio/outbound?scenario=confirmation&customer_id=2"
         )
         assert form["StatusCallback"] == "https://agent.example.com/twilio/status"
-        assert form["MachineDetection"] == "Enable"
+        # Asynchronous AMD: the voicemail is dropped after the beep (/twilio/amd).
+        assert form["MachineDetection"] == "DetectMessageEnd" and form["AsyncAmd"] == "true"
+        assert form["AsyncAmdStatusCallback"] == (
+            "https://agent.example.com/twilio/amd?scenario=confirmation&customer_id=2"
+        )
         assert "+15555550101" not in err.decode() + out.decode().replace(form["To"], "", 0)
 
 

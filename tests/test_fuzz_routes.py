@@ -110,9 +110,24 @@ TWILIO_WEBHOOKS = sorted(r.path for r in HTTP_ROUTES if r.path.startswith("/twil
 
 def test_the_route_lists_match_the_app() -> None:
     assert sorted(APP_WEBSOCKET_ROUTES) == sorted(WEBSOCKET_ROUTES)
-    assert TWILIO_WEBHOOKS == ["/twilio/outbound", "/twilio/status", "/twilio/voice"]
+    assert TWILIO_WEBHOOKS == [
+        "/twilio/amd",
+        "/twilio/outbound",
+        "/twilio/recording",
+        "/twilio/status",
+        "/twilio/transfer/status",
+        "/twilio/transfer/whisper",
+        "/twilio/voice",
+    ]
     paths = {r.path for r in HTTP_ROUTES}
-    assert {"/health", "/metrics", "/calls/active", "/calls/{call_sid}"} <= paths
+    assert {
+        "/health",
+        "/metrics",
+        "/calls/active",
+        "/calls/{call_sid}",
+        "/calls/{call_sid}/recording",
+        "/calls/{call_sid}/summary",
+    } <= paths
     assert {"/start", "/api/offer", "/sessions/{session_id}/api/offer"} <= paths
     assert KNOWN_5XX_ROUTES_PENDING_FIXES <= paths
 
@@ -350,8 +365,19 @@ webhook_fields = st.sampled_from(
         "AnsweredBy",
         "Direction",
         "Timestamp",
+        "ParentCallSid",
+        "DialCallStatus",
+        "DialCallSid",
+        "DialCallDuration",
+        "RecordingSid",
+        "RecordingStatus",
+        "RecordingDuration",
+        "RecordingUrl",
+        "RecordingChannels",
+        "MachineDetectionDuration",
     ]
 )
+recording_sids = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "RE" + h)
 statuses = st.sampled_from(
     ["queued", "initiated", "ringing", "in-progress", "completed", "busy", "no-answer", "failed"]
 )
@@ -368,12 +394,34 @@ def signed_webhooks(draw: st.DrawFn) -> dict[str, Any]:
         form["CallStatus"] = draw(st.one_of(statuses, st.text(max_size=20)))
         form["SequenceNumber"] = draw(st.one_of(st.integers(0, 10**9).map(str), numbers))
         form["From"] = form["To"] = draw(phones)
-        form["AnsweredBy"] = draw(st.sampled_from(["human", "machine_start", "fax", "unknown"]))
+        form["AnsweredBy"] = draw(
+            st.sampled_from(
+                ["human", "machine_start", "machine_end_beep", "fax", "unknown", "robot"]
+            )
+        )
+        form["DialCallStatus"] = draw(
+            st.sampled_from(["completed", "no-answer", "busy", "failed", "canceled", "maybe"])
+        )
+        form["RecordingSid"] = draw(st.one_of(recording_sids, st.text(max_size=40)))
+        form["RecordingStatus"] = draw(
+            st.sampled_from(["in-progress", "completed", "absent", "paused", ""])
+        )
+        form["RecordingDuration"] = draw(st.one_of(st.integers(-2, 10**8).map(str), numbers))
+        form["RecordingUrl"] = draw(
+            st.one_of(st.just("https://api.twilio.com/x/Recordings/RE1"), st.text(max_size=60))
+        )
+        if draw(st.booleans()):
+            form["ParentCallSid"] = draw(st.one_of(call_sids, st.text(max_size=40)))
     query = draw(
         st.lists(
             st.tuples(
-                st.sampled_from(["scenario", "customer_id", "attempt_id"]) | st.text(max_size=8),
-                st.one_of(st.sampled_from(["service_due", "confirmation", "inbound"]), text_values),
+                st.sampled_from(["scenario", "customer_id", "attempt_id", "call_sid"])
+                | st.text(max_size=8),
+                st.one_of(
+                    st.sampled_from(["service_due", "confirmation", "inbound"]),
+                    call_sids,
+                    text_values,
+                ),
             ),
             max_size=3,
         )

@@ -115,6 +115,12 @@ def _set(data: dict, path: str, value: object) -> None:
         ("schedule.service_due", ["weekdays 11:00", "Weekdays 11:00"], "service_due: duplicate"),
         ("schedule.confirmations", ["daily"], r"schedule.confirmations[0]: expected e.g."),
         ("campaigns.max_concurrent", 0, "campaigns.max_concurrent: expected a number from 1"),
+        ("phone.languages", ["en", "fr"], "phone.languages: unsupported language 'fr'"),
+        ("phone.languages", [], "phone.languages: expected a list of distinct language codes"),
+        ("phone.languages", ["es", "es"], "phone.languages: expected a list of distinct"),
+        ("phone.warm_transfer", "yes", "phone.warm_transfer: expected bool, got 'yes'"),
+        ("phone.transfer_ring_secs", 1, "phone.transfer_ring_secs: expected a number from 5"),
+        ("phone.llm_summary", 1, "phone.llm_summary: expected bool, got 1"),
     ],
 )
 def test_each_mistake_names_its_field(
@@ -229,3 +235,12 @@ def test_fuzzed_profiles_give_a_profile_or_a_profile_error(changes: list) -> Non
         parse_profile(data)
     except ProfileError as exc:
         assert re.match(rf"^({TOP_LEVEL})\b", str(exc)), str(exc)
+
+
+def test_phone_features_have_defaults_and_the_example_offers_spanish(profile_data: dict) -> None:
+    example = parse_profile(profile_data).phone
+    assert example.languages == ("en", "es") and example.pause_recording_during_verification
+    del profile_data["phone"]
+    defaults = parse_profile(profile_data).phone
+    assert defaults.languages == ("en",) and defaults.warm_transfer
+    assert defaults.transfer_ring_secs == 20 and defaults.llm_summary

@@ -44,6 +44,8 @@ class CallSession:
         late_results: Results of writes that finished after the caller interrupted them.
         pending_action: What the telephony layer must do after the bot's next sentence.
         text_consent_asked: Whether the bot was told to ask "Can I text you?" on this call.
+        language: Language the call is served in (``en``, ``es``).
+        do_not_record: The matched customer asked not to be recorded.
     """
 
     call_sid: str
@@ -66,6 +68,8 @@ class CallSession:
     pending_action: Literal["transfer", "end"] | None = None
     transfer_reason: str | None = None
     end_reason: str | None = None
+    language: str = "en"
+    do_not_record: bool = False
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     text_consent_asked: bool = False
 

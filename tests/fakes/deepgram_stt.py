@@ -46,6 +46,7 @@ class _Burst:
     last_speech_wall: float
     silence: float = 0.0
     text: str | None = None
+    language: str | None = None
     interim_sent: bool = False
     finalized: bool = False
 
@@ -126,7 +127,7 @@ class FakeDeepgramSTT:
             send_utterance_end: Send ``UtteranceEnd`` after each final; None sends it when
                 the query has ``utterance_end_ms`` (as Deepgram does).
         """
-        self._script: list[str] = list(script or [])
+        self._script: list[str | tuple[str, str]] = list(script or [])
         self.api_key = api_key
         self.energy_threshold = energy_threshold
         self.silence_secs = silence_secs
@@ -158,18 +159,22 @@ class FakeDeepgramSTT:
 
     # --- scripting -------------------------------------------------------------------
 
-    def script(self, utterances: Iterable[str]) -> None:
+    def script(self, utterances: Iterable[str | tuple[str, str]]) -> None:
         """Appends transcripts for the next utterances.
 
         Args:
-            utterances: One transcript per utterance, in order.
+            utterances: One transcript per utterance, in order; ``(text, language)`` for
+                an utterance in a given language (``"es"``): on a ``language=multi``
+                connection every result carries its language, as Deepgram's multilingual
+                model tags them (``languages`` on the alternative, ``language`` on each
+                word; English when not given).
         """
         self._script.extend(utterances)
 
     @property
     def pending(self) -> list[str]:
         """Scripted transcripts not used yet."""
-        return list(self._script)
+        return [_text_of(item) for item in self._script]
 
     @property
     def last_query(self) -> dict[str, str]:
@@ -188,7 +193,7 @@ class FakeDeepgramSTT:
             Number of connections it was sent on.
         """
         if text is None:
-            text = _prefix(self._script[0]) if self._script else "wait"
+            text = _prefix(_text_of(self._script[0])) if self._script else "wait"
         for session in list(self._sessions):
             await self._send_results(session, text, is_final=False)
         return len(self._sessions)
@@ -388,7 +393,9 @@ class FakeDeepgramSTT:
                     burst.interim_sent = True
                     text = self._burst_text(burst)
                     if text:
-                        await self._send_results(session, _prefix(text), is_final=False)
+                        await self._send_results(
+                            session, _prefix(text), is_final=False, language=burst.language
+                        )
             elif burst is not None:
                 burst.silence += FRAME_SECS
                 if burst.silence + 1e-9 >= self.silence_secs:
@@ -440,6 +447,7 @@ class FakeDeepgramSTT:
                     from_finalize=from_finalize,
                     word_span=span,
                     end=end_audio,
+                    language=burst.language,
                 )
             if utterance_end and self._want_utterance_end(session):
                 await self._send(
@@ -461,7 +469,9 @@ class FakeDeepgramSTT:
     def _burst_text(self, burst: _Burst) -> str | None:
         """The scripted transcript of a burst, taken from the script on first use."""
         if burst.text is None and self._script:
-            burst.text = self._script.pop(0)
+            item = self._script.pop(0)
+            burst.text = _text_of(item)
+            burst.language = item[1] if isinstance(item, tuple) else None
         return burst.text
 
     def _want_vad_events(self, session: _Session) -> bool:
@@ -489,6 +499,7 @@ class FakeDeepgramSTT:
         from_finalize: bool = False,
         word_span: tuple[float, float] | None = None,
         end: float | None = None,
+        language: str | None = None,
     ) -> None:
         """Sends one ``Results`` message in Deepgram's shape."""
         start = session.cursor
@@ -508,6 +519,16 @@ class FakeDeepgramSTT:
             }
             for i, tok in enumerate(tokens)
         ]
+        alternative: dict[str, Any] = {
+            "transcript": text,
+            "confidence": 0.98 if text else 0.0,
+            "words": words,
+        }
+        if session.q("language") == "multi" and text:
+            tag = language or "en"
+            alternative["languages"] = [tag]
+            for word in words:
+                word["language"] = tag
         message: dict[str, Any] = {
             "type": "Results",
             "channel_index": [0, 1],
@@ -515,11 +536,7 @@ class FakeDeepgramSTT:
             "start": round(start, 3),
             "is_final": is_final,
             "speech_final": speech_final if is_final else False,
-            "channel": {
-                "alternatives": [
-                    {"transcript": text, "confidence": 0.98 if text else 0.0, "words": words}
-                ]
-            },
+            "channel": {"alternatives": [alternative]},
             "metadata": {
                 "request_id": session.request_id,
                 "model_info": {
@@ -562,6 +579,11 @@ class FakeDeepgramSTT:
                 },
             },
         )
+
+
+def _text_of(item: str | tuple[str, str]) -> str:
+    """The transcript of a script item."""
+    return item[0] if isinstance(item, tuple) else item
 
 
 def _prefix(text: str) -> str:

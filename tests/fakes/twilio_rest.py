@@ -9,17 +9,33 @@ Messages: ``POST .../Messages.json`` takes the real request (``To``, ``From`` or
 codes 21211, 21602, 21603, 21604, 21610, 21617) and answers a Message resource;
 :meth:`FakeTwilioREST.report_status` then posts a signed status callback to the message's
 ``StatusCallback`` the way Twilio does.
+
+Besides the Calls resource it serves a call's Recordings (start, pause/resume/stop, the
+media file) and plays Twilio's side of the callbacks the server asks for, with the
+request shapes and ``X-Twilio-Signature`` Twilio uses:
+
+* :meth:`FakeTwilioREST.send_amd_verdict`: the ``AsyncAmdStatusCallback`` of a call created
+  with ``AsyncAmd=true`` (``AnsweredBy``, ``MachineDetectionDuration``).
+* :meth:`FakeTwilioREST.run_dial`: the ``<Dial>`` of the TwiML a call was redirected to: on
+  answer the ``<Number url>`` request of the advisor's leg (``ParentCallSid``), then the
+  ``<Dial action>`` request (``DialCallStatus``, ``DialCallSid``, ``DialCallDuration``,
+  ``DialBridged``).
+* Recording status callbacks (``RecordingSid``, ``RecordingStatus``, ``RecordingUrl``,
+  ``RecordingDuration``, ``RecordingChannels``, ...) for the events the recording was
+  created with: ``in-progress`` at once, ``completed`` when the call ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import re
 import secrets
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, NamedTuple
@@ -33,18 +49,23 @@ API_VERSION = "2010-04-01"
 _E164 = re.compile(r"^\+[1-9][0-9]{7,14}$")
 
 
-class RecordedRequest(NamedTuple):
-    """One authenticated request the fake received.
+class _Request(NamedTuple):
+    method: str
+    path: str
+    form: dict[str, str]
+
+
+class RecordedRequest(_Request):
+    """One authenticated request the fake received (unpacks as ``method, path, form``).
 
     Attributes:
         method: HTTP method.
         path: URL path.
         form: Form fields (the last value of a repeated field).
+        at: Monotonic time it arrived.
     """
 
-    method: str
-    path: str
-    form: dict[str, str]
+    at: float = 0.0
 
 
 @dataclass
@@ -97,13 +118,58 @@ class SentText(NamedTuple):
     received_at: float
 
 
+@dataclass
+class FakeRecording:
+    """A recording the fake holds.
+
+    Attributes:
+        sid: ``RE`` SID.
+        call_sid: The recorded call.
+        channels: 1 or 2.
+        status: ``in-progress``, ``paused``, ``stopped``, ``completed`` or ``absent``.
+        callback: ``RecordingStatusCallback`` URL, if any.
+        events: ``RecordingStatusCallbackEvent`` values (default ``completed``).
+        started: Monotonic start time.
+        statuses: Every status it went through, in order.
+    """
+
+    sid: str
+    call_sid: str
+    channels: int
+    status: str
+    callback: str | None
+    events: list[str]
+    started: float = field(default_factory=time.monotonic)
+    statuses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Callback:
+    """A request the fake sent to the server as Twilio would.
+
+    Attributes:
+        url: Full URL requested.
+        form: Form fields.
+        status: HTTP status of the server's answer.
+        body: The answer's body.
+    """
+
+    url: str
+    form: dict[str, str]
+    status: int
+    body: str
+
+
 class FakeTwilioREST:
     """Fake Twilio REST server for the Calls resource.
 
     Endpoints: ``POST /2010-04-01/Accounts/{AC}/Calls.json`` (create),
-    ``POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json`` (update) and
-    ``GET /2010-04-01/Accounts/{AC}/Calls/{CA}.json`` (fetch). Basic auth must match
-    the account SID and auth token (401 otherwise).
+    ``POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json`` (update),
+    ``GET /2010-04-01/Accounts/{AC}/Calls/{CA}.json`` (fetch),
+    ``POST .../Calls/{CA}/Recordings.json`` (start a recording),
+    ``POST .../Calls/{CA}/Recordings/{RE}.json`` (pause, resume, stop) and
+    ``GET /2010-04-01/Accounts/{AC}/Recordings/{RE}.mp3|.wav`` (media). Basic auth must
+    match the account SID and auth token (401 otherwise).
 
     Attributes:
         base_url: ``http://127.0.0.1:PORT`` once started.
@@ -147,6 +213,13 @@ class FakeTwilioREST:
         self.in_flight = 0
         self.max_in_flight = 0
         self.auth_failures = 0
+        self.recordings: dict[str, FakeRecording] = {}
+        self.callbacks: list[Callback] = []
+        #: Called with the CallSid when a live call gets new TwiML (``Twiml`` or ``Url``):
+        #: Twilio then ends the call's ``<Connect><Stream>``.
+        self.on_redirect: Callable[[str], Any] | None = None
+        #: Called with the CallSid when a call is hung up through the API.
+        self.on_hang_up: Callable[[str], Any] | None = None
         self._create_failures: list[TwilioError] = []
         self._update_failures: list[TwilioError] = []
         self.update_failures_served = 0
@@ -155,6 +228,7 @@ class FakeTwilioREST:
         self.texts: list[SentText] = []
         self.unsubscribed: set[str] = set()
         self._message_failures: list[TwilioError] = []
+        self._tasks: set[asyncio.Task] = set()
 
     def fail_next_creates(
         self,
@@ -273,6 +347,11 @@ class FakeTwilioREST:
         messages = f"/{API_VERSION}/Accounts/{{account}}/Messages"
         app.router.add_post(messages + ".json", self._create_message)
         app.router.add_get(messages + "/{message}.json", self._fetch_message)
+        app.router.add_post(base + "/{call}/Recordings.json", self._create_recording)
+        app.router.add_post(base + "/{call}/Recordings/{recording}.json", self._update_recording)
+        app.router.add_get(
+            f"/{API_VERSION}/Accounts/{{account}}/Recordings/{{media}}", self._recording_media
+        )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
@@ -280,6 +359,10 @@ class FakeTwilioREST:
 
     async def stop(self) -> None:
         """Stops the server."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -327,8 +410,10 @@ class FakeTwilioREST:
         lists: dict[str, list[str]] = {}
         for key, value in pairs:
             lists.setdefault(key, []).append(value)
-        self.requests.append(RecordedRequest(request.method, request.path, form))
-        self.request_times.append(time.monotonic())
+        recorded = RecordedRequest(request.method, request.path, form)
+        recorded.at = time.monotonic()
+        self.requests.append(recorded)
+        self.request_times.append(recorded.at)
         self.form_lists.append(lists)
         if request.match_info["account"] != self.account_sid:
             return self._error(404, 20404, "The requested resource was not found")
@@ -397,6 +482,10 @@ class FakeTwilioREST:
                 return self._error(400, 21205, "Url, Twiml or ApplicationSid is required.")
             sid = new_call_sid()
             call = self._call_json(sid, form)
+            call["url"] = form.get("Url")
+            call["async_amd_status_callback"] = (
+                form.get("AsyncAmdStatusCallback") if form.get("AsyncAmd") == "true" else None
+            )
             self.calls[sid] = call
             self.created.append(sid)
             return web.json_response(call, status=201)
@@ -429,7 +518,20 @@ class FakeTwilioREST:
         elif status:
             return self._error(400, 20001, f"Invalid Status {status!r}.")
         call["date_updated"] = _now_rfc2822()
+        if form.get("Twiml") or form.get("Url"):
+            call["twiml"] = form.get("Twiml")
+            await self._notify(self.on_redirect, sid)
+        if status in ("completed", "canceled"):
+            self.end_call(sid)
+            await self._notify(self.on_hang_up, sid)
         return web.json_response(call)
+
+    @staticmethod
+    async def _notify(hook: Callable[[str], Any] | None, sid: str) -> None:
+        if hook is not None:
+            result = hook(sid)
+            if inspect.isawaitable(result):
+                await result
 
     async def _fetch(self, request: web.Request) -> web.Response:
         """GET Calls/{CA}.json: the call as last known."""
@@ -520,3 +622,255 @@ class FakeTwilioREST:
         if message is None:
             return self._error(404, 20404, "The requested resource was not found")
         return web.json_response(message)
+
+    # --- recordings ---------------------------------------------------------------------
+
+    def _recording_json(self, rec: FakeRecording) -> dict[str, Any]:
+        """A Recording resource as Twilio returns it."""
+        now = _now_rfc2822()
+        uri = f"/{API_VERSION}/Accounts/{self.account_sid}/Calls/{rec.call_sid}/Recordings/"
+        return {
+            "account_sid": self.account_sid,
+            "api_version": API_VERSION,
+            "call_sid": rec.call_sid,
+            "conference_sid": None,
+            "date_created": now,
+            "date_updated": now,
+            "start_time": now,
+            "duration": None if rec.status != "completed" else str(self._duration(rec)),
+            "sid": rec.sid,
+            "price": None,
+            "price_unit": "USD",
+            "status": rec.status,
+            "channels": rec.channels,
+            "source": "StartCallRecordingAPI",
+            "error_code": None,
+            "track": "both",
+            "uri": uri + rec.sid + ".json",
+            "encryption_details": None,
+        }
+
+    @staticmethod
+    def _duration(rec: FakeRecording) -> int:
+        return max(1, round(time.monotonic() - rec.started))
+
+    async def _create_recording(self, request: web.Request) -> web.Response:
+        """POST Calls/{CA}/Recordings.json: starts recording a live call."""
+        form = await self._record(request)
+        if isinstance(form, web.Response):
+            return form
+        sid = request.match_info["call"]
+        call = self.calls.get(sid)
+        if call is not None and call["status"] in ("completed", "canceled"):
+            return self._error(400, 21220, "Call is not in-progress.")
+        channels = {"mono": 1, "dual": 2}.get(form.get("RecordingChannels", "mono"))
+        if channels is None:
+            return self._error(400, 21201, "Invalid RecordingChannels.")
+        events: list[str] = []
+        for value in self.form_lists[-1].get("RecordingStatusCallbackEvent", ["completed"]):
+            events.extend(value.split())
+        if any(e not in ("in-progress", "completed", "absent") for e in events):
+            return self._error(400, 13621, "Invalid 'recordingStatusCallbackEvent'")
+        rec = FakeRecording(
+            sid="RE" + secrets.token_hex(16),
+            call_sid=sid,
+            channels=channels,
+            status="in-progress",
+            callback=form.get("RecordingStatusCallback"),
+            events=events,
+        )
+        rec.statuses.append("in-progress")
+        self.recordings[rec.sid] = rec
+        if "in-progress" in events:
+            self._spawn(self._recording_callback(rec))
+        return web.json_response(self._recording_json(rec), status=201)
+
+    async def _update_recording(self, request: web.Request) -> web.Response:
+        """POST Calls/{CA}/Recordings/{RE}.json: ``Status`` paused, in-progress or stopped."""
+        form = await self._record(request)
+        if isinstance(form, web.Response):
+            return form
+        rec = self.recordings.get(request.match_info["recording"])
+        if rec is None or rec.call_sid != request.match_info["call"]:
+            return self._error(404, 20404, "The requested resource was not found")
+        status = form.get("Status")
+        if status not in ("paused", "in-progress", "stopped"):
+            return self._error(400, 20001, f"Invalid Status {status!r}.")
+        if rec.status not in ("in-progress", "paused"):
+            return self._error(400, 21220, "Recording is not in-progress.")
+        rec.status = status
+        rec.statuses.append(status)
+        if status == "stopped":
+            self._finish_recording(rec)
+        return web.json_response(self._recording_json(rec))
+
+    async def _recording_media(self, request: web.Request) -> web.Response:
+        """GET Recordings/{RE}.mp3|.wav: the media of a completed recording."""
+        form = await self._record(request)
+        if isinstance(form, web.Response):
+            return form
+        match = re.fullmatch(r"(RE[0-9a-f]{32})\.(mp3|wav)", request.match_info["media"])
+        rec = self.recordings.get(match.group(1)) if match else None
+        if match is None or rec is None or rec.status != "completed":
+            return self._error(404, 20404, "The requested resource was not found")
+        channels = request.query.get("RequestedChannels", "1")
+        body = f"FAKE-{match.group(2).upper()}-{rec.sid}-channels={channels}".encode()
+        content_type = "audio/mpeg" if match.group(2) == "mp3" else "audio/x-wav"
+        return web.Response(body=body, content_type=content_type)
+
+    def end_call(self, call_sid: str) -> None:
+        """The call ended (the caller hung up): its recordings complete, as on Twilio."""
+        call = self.calls.get(call_sid)
+        if call is not None and call["status"] not in ("completed", "canceled"):
+            call["status"] = "completed"
+        for rec in list(self.recordings.values()):
+            if rec.call_sid == call_sid and rec.status in ("in-progress", "paused"):
+                self._finish_recording(rec)
+
+    def _finish_recording(self, rec: FakeRecording) -> None:
+        rec.status = "completed"
+        rec.statuses.append("completed")
+        if "completed" in rec.events:
+            self._spawn(self._recording_callback(rec))
+
+    async def _recording_callback(self, rec: FakeRecording) -> None:
+        if not rec.callback:
+            return
+        status = "in-progress" if rec.status in ("in-progress", "paused") else rec.status
+        form = {
+            "AccountSid": self.account_sid,
+            "CallSid": rec.call_sid,
+            "RecordingSid": rec.sid,
+            "RecordingUrl": f"{self.base_url}/{API_VERSION}/Accounts/{self.account_sid}"
+            f"/Recordings/{rec.sid}",
+            "RecordingStatus": status,
+            "RecordingDuration": str(self._duration(rec)) if status == "completed" else "-1",
+            "RecordingChannels": str(rec.channels),
+            "RecordingStartTime": _now_rfc2822(),
+            "RecordingSource": "StartCallRecordingAPI",
+            "RecordingTrack": "both",
+            "ErrorCode": "0",
+        }
+        await self.send_callback(rec.callback, form)
+
+    # --- Twilio's callbacks to the server -------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Wait until every callback the fake started has been answered."""
+        async with asyncio.timeout(timeout):
+            while self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def send_callback(self, url: str, form: dict[str, str]) -> Callback:
+        """POST a form to the server, signed with ``X-Twilio-Signature`` as Twilio does."""
+        signature = RequestValidator(self.auth_token).compute_signature(url, form)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                url,
+                data=form,
+                headers={"X-Twilio-Signature": signature, "User-Agent": "TwilioProxy/1.1"},
+            ) as response:
+                body = await response.text()
+                callback = Callback(url=url, form=dict(form), status=response.status, body=body)
+        self.callbacks.append(callback)
+        return callback
+
+    async def send_amd_verdict(
+        self, call_sid: str, answered_by: str, *, detection_ms: int = 4200
+    ) -> Callback:
+        """The asynchronous AMD result of a call created with ``AsyncAmd=true``.
+
+        Args:
+            call_sid: The call.
+            answered_by: ``human``, ``machine_end_beep``, ``machine_end_silence``,
+                ``machine_end_other``, ``fax`` or ``unknown``.
+            detection_ms: ``MachineDetectionDuration``.
+
+        Returns:
+            The server's answer.
+        """
+        call = self.calls[call_sid]
+        url = call.get("async_amd_status_callback")
+        assert url, "the call was not created with AsyncAmd=true and a callback"
+        form = {
+            "AccountSid": self.account_sid,
+            "CallSid": call_sid,
+            "AnsweredBy": answered_by,
+            "MachineDetectionDuration": str(detection_ms),
+        }
+        return await self.send_callback(url, form)
+
+    async def run_dial(
+        self,
+        call_sid: str,
+        *,
+        outcome: str,
+        caller: str = "+15555550100",
+        called: str = "+15555550199",
+        direction: str = "inbound",
+        talk_secs: int = 42,
+    ) -> dict[str, Callback]:
+        """Execute the ``<Dial><Number url>`` of the TwiML the call was redirected to.
+
+        Args:
+            call_sid: The caller's call (the ``<Dial>`` runs on it).
+            outcome: ``answered`` (the advisor picks up: whisper, then the bridged call
+                ends), ``no-answer``, ``busy`` or ``failed``.
+            caller: ``From`` of the caller's call.
+            called: ``To`` of the caller's call.
+            direction: ``Direction`` of the caller's call (``inbound``, ``outbound-api``).
+            talk_secs: ``DialCallDuration`` of an answered dial.
+
+        Returns:
+            ``{"whisper": ..., "action": ...}``: the server's answers (no whisper unless
+            answered).
+        """
+        twiml = (self.calls.get(call_sid) or {}).get("twiml")
+        assert twiml, "the call was not redirected to TwiML"
+        root = ET.fromstring(twiml)
+        dial = root.find("Dial")
+        assert dial is not None, twiml
+        number = dial.find("Number")
+        child_sid = new_call_sid()
+        parent = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "CallSid": call_sid,
+            "CallStatus": "in-progress",
+            "Direction": direction,
+            "From": caller,
+            "To": called,
+            "Caller": caller,
+            "Called": called,
+        }
+        answers: dict[str, Callback] = {}
+        if outcome == "answered" and number is not None and number.get("url"):
+            child = {
+                "AccountSid": self.account_sid,
+                "ApiVersion": API_VERSION,
+                "CallSid": child_sid,
+                "ParentCallSid": call_sid,
+                "CallStatus": "in-progress",
+                "Direction": "outbound-dial",
+                "From": called,
+                "To": (number.text or "").strip(),
+                "Caller": called,
+                "Called": (number.text or "").strip(),
+            }
+            answers["whisper"] = await self.send_callback(number.get("url", ""), child)
+        if dial.get("action"):
+            status = "completed" if outcome == "answered" else outcome
+            action = {
+                **parent,
+                "DialCallStatus": status,
+                "DialCallSid": child_sid,
+                "DialCallDuration": str(talk_secs if outcome == "answered" else 0),
+                "DialBridged": "true" if outcome == "answered" else "false",
+            }
+            answers["action"] = await self.send_callback(dial.get("action", ""), action)
+        return answers
