@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from core.logs import LogFormat, setup_logging  # first: silences Pipecat's impo
 
 # isort: split
 from api import telephony as call_routes
+from api.drain import DrainingServer, install_drain
 from bot.turn_models import load_turn_models
 from core.metrics import render_metrics
 from core.pii import mask_phone
@@ -94,6 +96,7 @@ def create_app(
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
     app.state.active_calls = {}
     app.include_router(call_routes.router)
+    install_drain(app, settings)  # GET /ready; SIGTERM drains (api/drain.py)
     if settings.host in LOOPBACK_HOSTS:
         from api.webrtc import mount_client
 
@@ -178,15 +181,57 @@ async def _calendar_catch_up(resources: AppResources) -> None:
     await sync_forever(resources.db, calendar, interval_s=60.0)
 
 
-async def _serve_async(settings: Settings) -> None:
+async def _serve_async(settings: Settings, *, workers: int) -> int:
+    from core.supervisor import Supervisor, metrics_dir
+
+    # Resources first, once, in the parent: embedded servers started, migrations applied,
+    # the demo seeded; an unreachable dependency is one clear message. The workers get
+    # the servers' URLs and open their own pool and Redis client. Everything is closed
+    # (embedded servers stopped) after the last worker has exited.
+    async with open_resources(settings) as resources:
+        os.environ["DATABASE_URL"] = resources.database_url
+        os.environ["REDIS_URL"] = resources.redis_url
+        sock = _bind(settings)
+        logger.info(
+            f"Serving {resources.profile.name} on http://{settings.host}:{settings.port} "
+            f"with {workers} worker process(es)"
+        )
+        try:
+            with metrics_dir() as path:
+                return await Supervisor(
+                    count=workers,
+                    target=_worker_process,
+                    sock=sock,
+                    stop_timeout=settings.drain_grace_secs + settings.drain_timeout_secs + 90,
+                    metrics_path=path,
+                ).run()
+        finally:
+            sock.close()
+
+
+def _bind(settings: Settings) -> Any:
+    """The listening socket the workers share (uvicorn's own binding: reuse-address,
+    inheritable)."""
     import uvicorn
 
-    # Resources first: an unreachable dependency is one clear message, not a traceback
-    # from inside the ASGI lifespan; they are closed (embedded servers stopped) on every
-    # way out, Ctrl-C and SIGTERM included (uvicorn turns both into a graceful exit).
-    async with open_resources(settings) as resources:
-        config = uvicorn_config(create_app(settings, resources=resources), settings)
-        await uvicorn.Server(config).serve()
+    return uvicorn.Config(app=None, host=settings.host, port=settings.port).bind_socket()
+
+
+def _worker_process(sock: Any, ready: Any, index: int) -> None:
+    """One worker process of ``serve``: the app on the shared socket until drained."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    server = DrainingServer(
+        uvicorn_config(app, settings), drain=app.state.drain, on_ready=ready.set
+    )
+    server.run(sockets=[sock])
+    # Everything is closed by now (the lifespan closed the pool and the Redis client);
+    # skip the interpreter's teardown of Pipecat, ONNX Runtime and friends (seconds).
+    logger.complete()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
@@ -212,20 +257,22 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _serve(settings: Settings) -> int:
-    # uvicorn handles SIGINT/SIGTERM while serving and re-raises the signal after its
-    # graceful shutdown; SIGTERM's default action would then kill the process before the
-    # embedded servers are stopped. Turn it into the same path as Ctrl-C.
+def _serve(settings: Settings, *, workers: int | None = None) -> int:
+    # A SIGTERM before the workers run (while the embedded servers start) takes the same
+    # path as Ctrl-C, so they are stopped; while the workers run, the supervisor forwards
+    # it to them (they drain) and returns after they have exited.
+    from core.supervisor import available_cpus
+
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         load_profile(settings.dealership_profile)
-        asyncio.run(_serve_async(settings))
+        count = workers or settings.workers or available_cpus()
+        return asyncio.run(_serve_async(settings, workers=count))
     except (StartupError, ProfileError) as exc:
         logger.error(str(exc))
         return 1
     except KeyboardInterrupt:
         return 0
-    return 0
 
 
 async def _tools_console(settings: Settings, *, caller: str, now: str | None) -> int:
@@ -286,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="runner.py", description=__doc__)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="serve the web app (the default)")
+    serve_cmd = sub.add_parser("serve", help="serve the web app (the default)")
+    serve_cmd.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on the one port (default: WORKERS, else one per CPU core)",
+    )
     tools_cmd = sub.add_parser(
         "tools", help="run tool calls from JSON lines on stdin in one call session"
     )
@@ -310,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     if args.command in (None, "serve"):
-        return _serve(settings)
+        workers = getattr(args, "workers", None)
+        if workers is not None and not 1 <= workers <= 256:
+            parser.error("--workers must be between 1 and 256")
+        return _serve(settings, workers=workers)
     if args.command == "call":
         return asyncio.run(_call(settings, number=args.number, scenario=args.scenario))
     if args.command == "tools":

@@ -35,6 +35,7 @@ from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 
+from bot import live_calls
 from bot.flows import CallFlow
 from bot.prompts import greeting, render_system_prompt
 from bot.turn_models import new_turn_analyzer, new_vad_analyzer
@@ -351,10 +352,12 @@ async def run_call(
 
     runner = WorkerRunner(handle_sigint=False)
     metrics.call_started()
+    live_calls.register(session, worker)  # a draining server ends it with a goodbye
     try:
         await runner.add_workers(worker)
         await runner.run()
     finally:
+        live_calls.unregister(session.call_sid)
         for task in list(tasks):
             task.cancel()
         if tasks:

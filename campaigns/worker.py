@@ -32,6 +32,12 @@ from crm import campaigns as crm
 
 #: Advisory lock key of the dialing worker ("vamc").
 WORKER_LOCK_ID = 0x7661_6D63
+#: Server-side TCP keepalives of the lock's connection (seconds, seconds, probes).
+LOCK_KEEPALIVES = {
+    "tcp_keepalives_idle": 10,
+    "tcp_keepalives_interval": 5,
+    "tcp_keepalives_count": 3,
+}
 
 
 @dataclass
@@ -66,6 +72,10 @@ class _Lock:
             if self._conn is None or self._conn.closed:
                 self.held = False
                 self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                # Over TCP, let the server notice a vanished holder (a dead node) in about
+                # 30 s and free the lock for a standby (no effect on unix sockets).
+                for name, value in LOCK_KEEPALIVES.items():
+                    await self._conn.execute(f"SET {name} = {int(value)}")
             if self.held:
                 await self._conn.execute("SELECT 1")
                 return True
@@ -287,6 +297,7 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
                 settings=settings,
                 dial=dial,
                 stop=stop,
+                poll_seconds=settings.campaign_poll_secs,
             )
     except (MissingSettingError, StartupError, ProfileError) as exc:
         print(str(exc), file=sys.stderr)
