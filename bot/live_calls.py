@@ -15,7 +15,13 @@ import asyncio
 from dataclasses import dataclass
 
 from loguru import logger
-from pipecat.frames.frames import EndFrame, TTSSpeakFrame
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    EndFrame,
+    TTSSpeakFrame,
+)
+from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.worker import PipelineWorker
 
 from tools.context import CallSession
@@ -27,12 +33,51 @@ DRAIN_GOODBYE = (
 )
 
 
+#: Longest wait for the bot to finish what it is saying before the goodbye.
+FINISH_SENTENCE_SECS = 15.0
+#: Longest wait for the goodbye to be played before the call is ended anyway.
+GOODBYE_PLAY_SECS = 30.0
+
+
+class SpeechWatch(BaseObserver):
+    """Whether the bot is speaking, and how many utterances it has finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.speaking = False
+        self.finished = 0
+        self.changed = asyncio.Event()
+
+    async def on_push_frame(self, data: FramePushed) -> None:
+        """Follow the transport's bot started/stopped speaking frames."""
+        frame = data.frame
+        if isinstance(frame, BotStartedSpeakingFrame) and not self.speaking:
+            self.speaking = True
+            self.changed.set()
+        elif isinstance(frame, BotStoppedSpeakingFrame) and self.speaking:
+            self.speaking = False
+            self.finished += 1
+            self.changed.set()
+
+    async def wait(self, condition, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until ``condition()`` holds (at most ``timeout`` seconds)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not condition():
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
 @dataclass
 class LiveCall:
     """One call in progress in this process."""
 
     session: CallSession
     worker: PipelineWorker
+    speech: SpeechWatch
     ending: bool = False
 
 
@@ -41,7 +86,9 @@ _calls: dict[str, LiveCall] = {}
 
 def register(session: CallSession, worker: PipelineWorker) -> None:
     """Record a call whose pipeline is about to run (pair with :func:`unregister`)."""
-    _calls[session.call_sid] = LiveCall(session=session, worker=worker)
+    speech = SpeechWatch()
+    worker.add_observer(speech)
+    _calls[session.call_sid] = LiveCall(session=session, worker=worker, speech=speech)
 
 
 def unregister(call_sid: str) -> None:
@@ -67,8 +114,19 @@ async def end_politely(call: LiveCall, text: str = DRAIN_GOODBYE) -> bool:
     if call.ending:
         return False
     call.ending = True
-    logger.info(f"call {call.session.call_sid}: ending it with a goodbye (server draining)")
-    await call.worker.queue_frames([TTSSpeakFrame(text), EndFrame()])
+    sid = call.session.call_sid
+    logger.info(f"call {sid}: ending it with a goodbye (server draining)")
+    speech = call.speech
+    # Let the bot finish its sentence, then say the goodbye (not interruptible), and end
+    # the call once it has been played.
+    await speech.wait(lambda: not speech.speaking, FINISH_SENTENCE_SECS)
+    goodbye = TTSSpeakFrame(text, append_to_context=False)
+    goodbye.interruptible = False
+    finished = speech.finished
+    await call.worker.queue_frame(goodbye)
+    if not await speech.wait(lambda: speech.finished > finished, GOODBYE_PLAY_SECS):
+        logger.warning(f"call {sid}: the goodbye was not played in time; ending the call")
+    await call.worker.queue_frame(EndFrame())
     return True
 
 
