@@ -35,8 +35,6 @@ DRAIN_GOODBYE = (
 
 #: Longest wait for the bot to finish what it is saying before the goodbye.
 FINISH_SENTENCE_SECS = 15.0
-#: Longest wait for the goodbye to be played before the call is ended anyway.
-GOODBYE_PLAY_SECS = 30.0
 
 
 class SpeechWatch(BaseObserver):
@@ -117,16 +115,14 @@ async def end_politely(call: LiveCall, text: str = DRAIN_GOODBYE) -> bool:
     sid = call.session.call_sid
     logger.info(f"call {sid}: ending it with a goodbye (server draining)")
     speech = call.speech
-    # Let the bot finish its sentence, then say the goodbye (not interruptible), and end
-    # the call once it has been played.
-    await speech.wait(lambda: not speech.speaking, FINISH_SENTENCE_SECS)
+    # Let the bot finish its sentence (a goodbye queued in the middle of a reply is lost),
+    # then the goodbye, not interruptible, with the end right behind it: the transport
+    # plays the goodbye before it hangs up, and nothing the caller says now is answered.
+    if not await speech.wait(lambda: not speech.speaking, FINISH_SENTENCE_SECS):
+        logger.warning(f"call {sid}: the bot is still speaking; saying goodbye anyway")
     goodbye = TTSSpeakFrame(text, append_to_context=False)
     goodbye.interruptible = False
-    finished = speech.finished
-    await call.worker.queue_frame(goodbye)
-    if not await speech.wait(lambda: speech.finished > finished, GOODBYE_PLAY_SECS):
-        logger.warning(f"call {sid}: the goodbye was not played in time; ending the call")
-    await call.worker.queue_frame(EndFrame())
+    await call.worker.queue_frames([goodbye, EndFrame()])
     return True
 
 

@@ -57,9 +57,12 @@ def available_cpus() -> int:
 
 def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs allowed by the cgroup (v2 ``cpu.max`` or v1 CFS quota); ``None``: no limit."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
+    with contextlib.suppress(OSError, ValueError, IndexError, ZeroDivisionError):
         quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        if quota == "max":
+            return None
+        cpus = int(quota) / int(period)
+        return cpus if cpus > 0 else None
     with contextlib.suppress(OSError, ValueError):
         quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
         period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())

@@ -28,11 +28,20 @@ HEADER = (
 )
 
 
+#: Python patch releases the image may run (a Debian base has 3.11.2, python:3.11-slim the
+#: latest 3.11): a dependency needed by any of them is locked.
+PYTHON_VERSIONS = ("3.11.0", "3.11.2", "3.11.99")
+
+
 def _applies(req: Requirement, extras: set[str]) -> bool:
     if req.marker is None:
         return True
     env = default_environment()
-    return any(req.marker.evaluate({**env, "extra": extra}) for extra in extras or {""})
+    return any(
+        req.marker.evaluate({**env, "extra": extra, "python_full_version": version})
+        for extra in extras or {""}
+        for version in PYTHON_VERSIONS
+    )
 
 
 def closure(requirements: list[str]) -> dict[str, str]:

@@ -35,6 +35,7 @@ import yaml
 
 from core.metrics import series_names
 from core.profile import load_profile
+from core.supervisor import available_cpus
 from tests.harness import free_port
 from tests.test_architecture import LAYERS
 
@@ -201,7 +202,7 @@ def test_the_images_command_and_healthcheck_run_the_server(tmp_path: Path) -> No
         parent = psutil.Process(server.pid)
         children = parent.children(recursive=True)
         workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
-        assert len(workers) == len(os.sched_getaffinity(0))
+        assert len(workers) == available_cpus()
         assert [p.name() for p in children].count("redis-server") == 1
         postmasters = [
             p for p in _data_dir_processes(data_dir) if p.name() in ("postgres", "postmaster")
