@@ -151,6 +151,17 @@ class Process:
             return psutil.Process(self.popen.pid).children(recursive=True)
         return []
 
+    def workers(self) -> list[psutil.Process]:
+        """The live worker processes of ``serve`` (zombies and the departed left out)."""
+        found = []
+        for proc in self.descendants():
+            with contextlib.suppress(psutil.Error):
+                if proc.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(
+                    proc.cmdline()
+                ):
+                    found.append(proc)
+        return found
+
     async def wait(self, timeout: float) -> int:  # noqa: ASYNC109
         deadline = time.monotonic() + timeout
         while self.popen.poll() is None:
@@ -309,6 +320,27 @@ async def test_two_hosts_share_calls_snapshots_metrics_and_one_dialer(
                 assert metric(
                     (await a.http.get("/metrics")).text, "voice_agent_calls_total", labels
                 ) in (None, 0.0)
+            # A worker process of B dies (the OOM killer, a crash): B restarts it, and its
+            # /metrics drops the dead process's gauges and keeps its counters.
+            workers = b.workers()
+            assert len(workers) == 2
+            workers[0].kill()
+            async with asyncio.timeout(START_TIMEOUT):
+                while True:
+                    alive = b.workers()
+                    try:  # a connection kept alive to the killed worker is gone
+                        text = (await b.http.get("/metrics")).text
+                    except httpx.HTTPError:
+                        text = ""
+                    if (
+                        len(alive) == 2
+                        and workers[0] not in alive
+                        and metric(text, "voice_agent_ready_workers") == 2.0
+                    ):
+                        break
+                    await asyncio.sleep(0.5)
+            assert metric(text, "voice_agent_calls_total", labels) == 1.0
+            assert "died (exit code -9); restarting it" in b.log
         finally:
             await asyncio.gather(a.aclose(), b.aclose())
 
