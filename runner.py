@@ -248,6 +248,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
         port=settings.port,
         log_level=settings.log_level.lower(),
         ws_max_size=call_routes.MAX_MEDIA_MESSAGE_BYTES,
+        # Compressing 20 ms media messages costs CPU per frame and saves little
+        # (benchmarks/capacity.py profile).
+        ws_per_message_deflate=False,
         lifespan="on",
         log_config=None,  # uvicorn's loggers go through loguru (configure_logging)
     )

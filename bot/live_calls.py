@@ -12,10 +12,13 @@ Redis session snapshots instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from dataclasses import dataclass
 
 from loguru import logger
 from pipecat.frames.frames import (
+    BotSpeakingFrame,
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
     EndFrame,
@@ -38,32 +41,40 @@ FINISH_SENTENCE_SECS = 15.0
 
 
 class SpeechWatch(BaseObserver):
-    """Whether the bot is speaking, and how many utterances it has finished."""
+    """Whether the bot is speaking. Added to a call's pipeline only when the call is to be
+    ended (an observer sees every frame of every hop; no call pays for it before)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.speaking = False
-        self.finished = 0
+        self.last_speaking: float | None = None
+        self.stopped = False
         self.changed = asyncio.Event()
 
     async def on_push_frame(self, data: FramePushed) -> None:
-        """Follow the transport's bot started/stopped speaking frames."""
+        """Follow the transport's bot speaking frames."""
         frame = data.frame
-        if isinstance(frame, BotStartedSpeakingFrame) and not self.speaking:
-            self.speaking = True
-            self.changed.set()
-        elif isinstance(frame, BotStoppedSpeakingFrame) and self.speaking:
-            self.speaking = False
-            self.finished += 1
+        if isinstance(frame, BotStartedSpeakingFrame | BotSpeakingFrame):
+            self.last_speaking = time.monotonic()
+            self.stopped = False
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self.stopped = True
             self.changed.set()
 
-    async def wait(self, condition, timeout: float) -> bool:  # noqa: ASYNC109
-        """Wait until ``condition()`` holds (at most ``timeout`` seconds)."""
+    @property
+    def speaking(self) -> bool:
+        """The bot spoke within the last half second and has not stopped since."""
+        recent = self.last_speaking is not None and time.monotonic() - self.last_speaking < 0.5
+        return recent and not self.stopped
+
+    async def wait_silent(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until the bot is not speaking (at most ``timeout`` seconds)."""
+        await asyncio.sleep(0.5)  # BotSpeakingFrame comes at least this often while it speaks
         try:
             async with asyncio.timeout(timeout):
-                while not condition():
+                while self.speaking:
                     self.changed.clear()
-                    await self.changed.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.changed.wait(), 0.25)
         except TimeoutError:
             return False
         return True
@@ -75,7 +86,6 @@ class LiveCall:
 
     session: CallSession
     worker: PipelineWorker
-    speech: SpeechWatch
     ending: bool = False
 
 
@@ -84,9 +94,7 @@ _calls: dict[str, LiveCall] = {}
 
 def register(session: CallSession, worker: PipelineWorker) -> None:
     """Record a call whose pipeline is about to run (pair with :func:`unregister`)."""
-    speech = SpeechWatch()
-    worker.add_observer(speech)
-    _calls[session.call_sid] = LiveCall(session=session, worker=worker, speech=speech)
+    _calls[session.call_sid] = LiveCall(session=session, worker=worker)
 
 
 def unregister(call_sid: str) -> None:
@@ -114,11 +122,12 @@ async def end_politely(call: LiveCall, text: str = DRAIN_GOODBYE) -> bool:
     call.ending = True
     sid = call.session.call_sid
     logger.info(f"call {sid}: ending it with a goodbye (server draining)")
-    speech = call.speech
     # Let the bot finish its sentence (a goodbye queued in the middle of a reply is lost),
     # then the goodbye, not interruptible, with the end right behind it: the transport
     # plays the goodbye before it hangs up, and nothing the caller says now is answered.
-    if not await speech.wait(lambda: not speech.speaking, FINISH_SENTENCE_SECS):
+    speech = SpeechWatch()
+    call.worker.add_observer(speech)
+    if not await speech.wait_silent(FINISH_SENTENCE_SECS):
         logger.warning(f"call {sid}: the bot is still speaking; saying goodbye anyway")
     goodbye = TTSSpeakFrame(text, append_to_context=False)
     goodbye.interruptible = False
