@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import os
 import signal
 import socket
 import sys
@@ -30,6 +31,7 @@ from core.logs import LogFormat, setup_logging  # first: silences Pipecat's impo
 from api import phone as phone_routes  # [phone-features hook]
 from api import sms as sms_routes
 from api import telephony as call_routes
+from api.drain import DrainingServer, install_drain
 from bot.turn_models import load_turn_models
 from core.metrics import render_metrics
 from core.pii import mask_phone
@@ -154,6 +156,7 @@ def create_app(
 
     mount_console(app)
     app.include_router(phone_routes.router)  # [phone-features hook]
+    install_drain(app, settings)  # GET /ready; SIGTERM drains (api/drain.py)
     webrtc = None
     if settings.webrtc_dev:
         from api.webrtc import mount_client
@@ -301,16 +304,46 @@ def bind_listener(settings: Settings) -> socket.socket:
     return sock
 
 
-async def _serve_async(settings: Settings, listener: socket.socket) -> None:
-    import uvicorn
+async def _serve_async(settings: Settings, *, listener: socket.socket, workers: int) -> int:
+    from core.supervisor import Supervisor, metrics_dir
 
-    # Resources first: an unreachable dependency is one clear message, not a traceback
-    # from inside the ASGI lifespan; they are closed (embedded servers left, and stopped
-    # by the last process using them) on every way out, Ctrl-C and SIGTERM included
-    # (uvicorn turns both into a graceful exit).
+    # Resources first, once, in the parent: embedded servers started, migrations applied,
+    # the demo seeded; an unreachable dependency is one clear message. The workers get
+    # the servers' URLs and open their own pool and Redis client. Everything is closed
+    # (embedded servers left, and stopped by the last process using them) after the last
+    # worker has exited.
     async with open_resources(settings) as resources:
-        config = uvicorn_config(create_app(settings, resources=resources), settings)
-        await uvicorn.Server(config).serve(sockets=[listener])
+        os.environ["DATABASE_URL"] = resources.database_url
+        os.environ["REDIS_URL"] = resources.redis_url
+        logger.info(
+            f"Serving {resources.profile.name} on http://{settings.host}:{settings.port} "
+            f"with {workers} worker process(es)"
+        )
+        with metrics_dir() as path:
+            return await Supervisor(
+                count=workers,
+                target=_worker_process,
+                sock=listener,
+                stop_timeout=settings.drain_grace_secs + settings.drain_timeout_secs + 90,
+                metrics_path=path,
+            ).run()
+
+
+def _worker_process(sock: Any, ready: Any, index: int) -> None:
+    """One worker process of ``serve``: the app on the shared socket until drained."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    server = DrainingServer(
+        uvicorn_config(app, settings), drain=app.state.drain, on_ready=ready.set
+    )
+    server.run(sockets=[sock])
+    # Everything is closed by now (the lifespan closed the pool and the Redis client);
+    # skip the interpreter's teardown of Pipecat, ONNX Runtime and friends (seconds).
+    logger.complete()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
@@ -327,6 +360,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
         port=settings.port,
         log_level=settings.log_level.lower(),
         ws_max_size=call_routes.MAX_MEDIA_MESSAGE_BYTES,
+        # Compressing 20 ms media messages costs CPU per frame and saves little
+        # (benchmarks/capacity.py profile).
+        ws_per_message_deflate=False,
         lifespan="on",
         log_config=None,  # uvicorn's loggers go through loguru (configure_logging)
     )
@@ -336,10 +372,12 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _serve(settings: Settings) -> int:
-    # uvicorn handles SIGINT/SIGTERM while serving and re-raises the signal after its
-    # graceful shutdown; SIGTERM's default action would then kill the process before the
-    # embedded servers are stopped. Turn it into the same path as Ctrl-C.
+def _serve(settings: Settings, *, workers: int | None = None) -> int:
+    # A SIGTERM before the workers run (while the embedded servers start) takes the same
+    # path as Ctrl-C, so they are stopped; while the workers run, the supervisor forwards
+    # it to them (they drain) and returns after they have exited.
+    from core.supervisor import available_cpus
+
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         listener = bind_listener(settings)  # first: a busy port stops us before anything
@@ -351,7 +389,9 @@ def _serve(settings: Settings) -> int:
         if refusal:
             raise StartupError(refusal)
         load_profile(settings.dealership_profile)
-        asyncio.run(_serve_async(settings, listener))
+        count = workers or settings.workers or available_cpus()
+        listener.set_inheritable(True)
+        return asyncio.run(_serve_async(settings, listener=listener, workers=count))
     except (StartupError, ProfileError) as exc:
         logger.error(str(exc))
         return 1
@@ -359,7 +399,6 @@ def _serve(settings: Settings) -> int:
         return 0
     finally:
         listener.close()
-    return 0
 
 
 def _aware_datetime(text: str) -> datetime:
@@ -428,7 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="runner.py", description=__doc__)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="serve the web app (the default)")
+    serve_cmd = sub.add_parser("serve", help="serve the web app (the default)")
+    serve_cmd.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on the one port (default: WORKERS, else one per CPU core)",
+    )
     tools_cmd = sub.add_parser(
         "tools", help="run tool calls from JSON lines on stdin in one call session"
     )
@@ -454,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     if args.command in (None, "serve"):
-        return _serve(settings)
+        workers = getattr(args, "workers", None)
+        if workers is not None and not 1 <= workers <= 256:
+            parser.error("--workers must be between 1 and 256")
+        return _serve(settings, workers=workers)
     if args.command == "call":
         return asyncio.run(_call(settings, number=args.number, scenario=args.scenario))
     if args.command == "tools":

@@ -38,6 +38,7 @@ from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
 
+from bot import live_calls
 from bot.failures import CallRescue
 from bot.features import CallFeatures, stt_language, tts_voice  # [phone-features hook]
 from bot.flows import CallFlow
@@ -544,6 +545,7 @@ async def run_call(
     # sockets); the flow waits for them before the greeting. With Postgres down they
     # give up after DB_TIMEOUT_SECS and the caller hears the apology instead.
     opening = asyncio.ensure_future(_open_call(resources, session, ctx, customer_id))
+    live_calls.register(session, worker)  # a draining server ends it with a goodbye
     try:
         await runner.add_workers(worker)
         await runner.run()
@@ -552,6 +554,7 @@ async def run_call(
             opening.cancel()
         with contextlib.suppress(BaseException):
             await opening
+        live_calls.unregister(session.call_sid)
         for task in list(tasks):
             task.cancel()
         if tasks:

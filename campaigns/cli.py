@@ -219,6 +219,7 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
                 settings=settings,
                 dial=dial,
                 stop=stop,
+                poll_seconds=settings.campaign_poll_secs,
                 sender=sender,
             )
     except (MissingSettingError, StartupError, ProfileError) as exc:

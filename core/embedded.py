@@ -213,8 +213,16 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@/postgres?host={self.socket_dir}&port={POSTGRES_PORT}"
 
     def _run(self, args: list[str], *, timeout: float = 60) -> subprocess.CompletedProcess:
+        # Own session: a signal to the terminal's process group (Ctrl-C) reaches the app,
+        # which stops the server itself once its workers are done with it.
         return subprocess.run(
-            args, user=self._user, capture_output=True, text=True, timeout=timeout, check=False
+            args,
+            user=self._user,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            start_new_session=True,
         )
 
     def _prepare_root(self, data_dir: Path) -> None:

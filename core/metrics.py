@@ -16,6 +16,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,6 +28,10 @@ from prometheus_client import (
 )
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+#: prometheus-client's multiprocess mode: set (by ``runner.py serve``, or by hand) before
+#: prometheus_client is first imported, every process of the host writes its samples to
+#: files there, and ``GET /metrics`` on any worker reports all of them.
+MULTIPROC_DIR: str | None = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 #: Buckets (seconds) for voice-path latencies: 50 ms .. 5 s.
 VOICE_BUCKETS: tuple[float, ...] = (
@@ -110,18 +116,48 @@ SNAPSHOT_FAILURES_TOTAL = Counter(
 )
 ACTIVE_CALLS = Gauge(
     "voice_agent_active_calls",
-    "Calls currently in progress in this process.",
+    "Calls currently in progress (all worker processes of the host).",
     registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+
+READY_WORKERS = Gauge(
+    "voice_agent_ready_workers",
+    "Worker processes ready to take calls (started and not draining), all of the host.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 
 
 def render_metrics() -> tuple[bytes, str]:
     """Render the voice agent's registry in the Prometheus text format.
 
+    In multiprocess mode (:data:`MULTIPROC_DIR`) the samples of every worker process of
+    the host are merged: counters and histograms summed, active calls summed over the
+    live processes.
+
     Returns:
         The exposition body and its content type, for a ``GET /metrics`` response.
     """
+    if MULTIPROC_DIR:
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=MULTIPROC_DIR)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def series_names() -> set[str]:
+    """Names of the series ``GET /metrics`` exports (what dashboards and alerts may use):
+    ``<name>_total`` of counters, ``<name>_bucket``/``_sum``/``_count`` of histograms,
+    ``<name>`` of gauges."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    return {
+        family.name + suffix
+        for family in REGISTRY.collect()
+        for suffix in suffixes.get(family.type, ("",))
+    }
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:

@@ -108,6 +108,17 @@ class Settings(BaseSettings):
     # Browser test page (developer tool; see api/webrtc.py)
     webrtc_dev: bool = Field(default=False, alias="WEBRTC_DEV")
     webrtc_dev_force: bool = Field(default=False, alias="WEBRTC_DEV_FORCE")
+    # Scale-out and graceful drain (deploy/, README "Deploying")
+    # Worker processes of `runner.py serve` behind its one port; 0 means one per CPU core
+    # available to the process (its cgroup quota and CPU affinity count).
+    workers: int = Field(default=0, alias="WORKERS", ge=0, le=256)
+    # After SIGTERM: seconds between "not ready" (GET /ready answers 503) and refusing new
+    # media streams, so the load balancer notices first.
+    drain_grace_secs: float = Field(default=10.0, alias="DRAIN_GRACE_SECS", ge=0, le=3600)
+    # After SIGTERM: how long live calls may go on before they are ended with a goodbye.
+    drain_timeout_secs: float = Field(default=600.0, alias="DRAIN_TIMEOUT_SECS", ge=0, le=86400)
+    # Campaign worker: seconds between passes, and between a standby's tries for the lock.
+    campaign_poll_secs: float = Field(default=15.0, alias="CAMPAIGN_POLL_SECS", gt=0, le=300)
 
     @field_validator("log_level")
     @classmethod

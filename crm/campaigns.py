@@ -853,6 +853,15 @@ async def finish_run(
     )
 
 
+#: Server-side TCP keepalives of a lock's connection (seconds, seconds, probes): over TCP
+#: the server notices a vanished holder (a dead node) in about 30 s and frees its lock.
+LOCK_KEEPALIVES = {
+    "tcp_keepalives_idle": 10,
+    "tcp_keepalives_interval": 5,
+    "tcp_keepalives_count": 3,
+}
+
+
 class AdvisoryLock:
     """A Postgres session advisory lock held on its own connection (one dialer at a time).
 
@@ -873,6 +882,12 @@ class AdvisoryLock:
             if self._conn is None or self._conn.closed:
                 self.held = False
                 self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                # Over TCP, let the server notice a vanished holder (a dead node) in about
+                # 30 s and free the lock for a standby (no effect on unix sockets).
+                for name, value in LOCK_KEEPALIVES.items():
+                    await self._conn.execute(
+                        cast(LiteralString, f"SET {name} = {int(value)}")  # constant names
+                    )
             if self.held:
                 await self._conn.execute("SELECT 1")
                 return True
