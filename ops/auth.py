@@ -2,7 +2,7 @@
 
 * Users: ``admin`` with ``ADMIN_TOKEN`` as password (when it is set), and the users of the
   ``ops_users`` table (scrypt hashes; ``python -m ops.users add NAME``).
-* Sessions live in Redis (``voice_agent:ops:session:<sha256 of the cookie value>``) and
+* Sessions live in Redis (``<REDIS_KEY_PREFIX>:ops:session:<sha256 of the cookie value>``) and
   expire after ``OPS_SESSION_TTL_SECS`` without use, and at the latest twice that after the
   login. The cookie holds 256 random bits only (HttpOnly, SameSite=Strict, path ``/ops``,
   Secure on https); logging out deletes the Redis key.
@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from core.settings import DEFAULT_REDIS_KEY_PREFIX
+
 SESSION_COOKIE = "ops_session"
 LOGIN_CSRF_COOKIE = "ops_login_csrf"
-KEY_PREFIX = "voice_agent:ops"
 ADMIN_USER = "admin"
 #: scrypt cost: 16 MiB of memory and some tens of milliseconds per check.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -109,14 +110,16 @@ class SessionStore:
         ttl_secs: Idle lifetime; a session never outlives twice this after its login.
     """
 
-    def __init__(self, redis: aioredis.Redis, *, ttl_secs: int) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, *, ttl_secs: int, prefix: str = DEFAULT_REDIS_KEY_PREFIX
+    ) -> None:
         """Initialize the store."""
         self._redis = redis
         self._ttl = int(ttl_secs)
+        self._prefix = f"{prefix}:ops"
 
-    @staticmethod
-    def _key(token: str) -> str:
-        return f"{KEY_PREFIX}:session:{hashlib.sha256(token.encode()).hexdigest()}"
+    def _key(self, token: str) -> str:
+        return f"{self._prefix}:session:{hashlib.sha256(token.encode()).hexdigest()}"
 
     async def create(self, user: str) -> tuple[str, OpsSession]:
         """Start a session for ``user``; returns the cookie value and the session."""
@@ -163,15 +166,22 @@ class LoginLimiter:
         window_secs: How long failures are remembered (from the first one).
     """
 
-    def __init__(self, redis: aioredis.Redis, *, max_failures: int, window_secs: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        max_failures: int,
+        window_secs: int,
+        prefix: str = DEFAULT_REDIS_KEY_PREFIX,
+    ) -> None:
         """Initialize the limiter."""
         self._redis = redis
         self._max = int(max_failures)
         self._window = int(window_secs)
+        self._prefix = f"{prefix}:ops"
 
-    @staticmethod
-    def _key(client_ip: str) -> str:
-        return f"{KEY_PREFIX}:login_failures:{client_ip[:64]}"
+    def _key(self, client_ip: str) -> str:
+        return f"{self._prefix}:login_failures:{client_ip[:64]}"
 
     async def locked_for(self, client_ip: str) -> int:
         """Seconds this address must still wait; 0 when it may try."""

@@ -102,7 +102,11 @@ def _tz(request: Request):
 
 def _sessions(request: Request) -> SessionStore:
     resources = _resources(request)
-    return SessionStore(resources.redis, ttl_secs=resources.settings.ops_session_ttl_secs)
+    return SessionStore(
+        resources.redis,
+        ttl_secs=resources.settings.ops_session_ttl_secs,
+        prefix=resources.settings.redis_key_prefix,
+    )
 
 
 async def _session(request: Request) -> OpsSession:
@@ -303,6 +307,7 @@ async def login(request: Request) -> Response:
         resources.redis,
         max_failures=settings.ops_login_max_failures,
         window_secs=settings.ops_login_lockout_secs,
+        prefix=settings.redis_key_prefix,
     )
     wait = await limiter.locked_for(ip)
     if wait:
@@ -411,7 +416,8 @@ def _live_view(snapshot: dict[str, Any], now: datetime) -> dict[str, Any]:
 
 
 async def _live_calls(request: Request) -> list[dict[str, Any]]:
-    store = SnapshotStore(_resources(request).redis)
+    resources = _resources(request)
+    store = SnapshotStore(resources.redis, prefix=resources.settings.redis_key_prefix)
     now = datetime.now(UTC)
     views = []
     for sid in (await store.active())[:MAX_LIVE_CALLS]:
@@ -828,7 +834,8 @@ async def health_page(request: Request) -> Response:
     ]
     active: int | None = None
     if redis_state == "ok":
-        active = len(await SnapshotStore(resources.redis).active())
+        store = SnapshotStore(resources.redis, prefix=resources.settings.redis_key_prefix)
+        active = len(await store.active())
     total: dict[str, Any] = {"turns": 0, "p50": None, "p95": None}
     buckets: list[dict[str, Any]] = []
     tools: list[dict[str, Any]] = []

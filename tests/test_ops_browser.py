@@ -479,7 +479,7 @@ async def test_a_campaign_run_appears_with_its_counts(page: Page, agent: Agent) 
     resources = agent.app.state.resources
     tz = PROFILE.time_zone
     now = datetime.combine(datetime.now(tz).date(), time(12, 0), tz)
-    sids = (f"CAcampaign{i:022d}" for i in count(1))
+    sids = (f"CA{0xCA0000 + i:032x}" for i in count(1))  # well-formed CallSids
     dialed: list[str] = []
 
     async def dial(_settings, *, to, scenario, customer_id, campaign_attempt_id=None) -> str:

@@ -65,6 +65,7 @@ class Console:
     client: httpx.AsyncClient
     database_url: str
     redis_url: str
+    key_prefix: str
 
     def new_client(self, ip: str = "10.0.0.2") -> httpx.AsyncClient:
         """Another browser (own cookies), from another address."""
@@ -73,16 +74,11 @@ class Console:
 
 
 @pytest.fixture
-async def console(migrated_db: str, redis_server_url: str) -> AsyncIterator[Console]:
+async def console(
+    migrated_db: str, redis_server_url: str, redis_key_prefix: str
+) -> AsyncIterator[Console]:
     today = datetime.now(PROFILE.time_zone).date()
     await seed(migrated_db, customers=20, seed=7, anchor_date=today, profile=PROFILE)
-    redis = aioredis.Redis.from_url(redis_server_url)
-    try:
-        keys = [k async for k in redis.scan_iter("voice_agent:*")]
-        if keys:
-            await redis.delete(*keys)
-    finally:
-        await redis.aclose()
     settings_ = Settings(
         _env_file=None,
         DATABASE_URL=migrated_db,
@@ -90,12 +86,13 @@ async def console(migrated_db: str, redis_server_url: str) -> AsyncIterator[Cons
         ADMIN_TOKEN=ADMIN_TOKEN,
         LOG_LEVEL="WARNING",
         OPS_LOGIN_MAX_FAILURES="3",
+        REDIS_KEY_PREFIX=redis_key_prefix,
     )
     app = create_app(settings_)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=("10.0.0.1", 1234))
         async with httpx.AsyncClient(transport=transport, base_url="http://console.test") as client:
-            yield Console(app, client, migrated_db, redis_server_url)
+            yield Console(app, client, migrated_db, redis_server_url, redis_key_prefix)
 
 
 async def test_every_page_sends_a_visitor_without_a_session_to_the_login(
@@ -139,7 +136,7 @@ async def test_login_sets_an_httponly_samesite_session_kept_in_redis(console: Co
     assert len(token) >= 40
     redis = aioredis.Redis.from_url(console.redis_url)
     try:
-        keys = [k async for k in redis.scan_iter("voice_agent:ops:session:*")]
+        keys = [k async for k in redis.scan_iter(f"{console.key_prefix}:ops:session:*")]
         assert len(keys) == 1 and token.encode() not in keys[0]  # stored hashed
         assert 0 < await redis.ttl(keys[0]) <= 8 * 3600
     finally:
@@ -407,7 +404,7 @@ async def test_live_calls_come_from_the_snapshots_in_redis(console: Console) -> 
     session.flow_node = "identify"
     redis = aioredis.Redis.from_url(console.redis_url)
     try:
-        store = SnapshotStore(redis)
+        store = SnapshotStore(redis, prefix=console.key_prefix)
         snap = session_snapshot(session)
         assert snap["caller"] == "+1***…0100" and snap["customer_first_name"] is None
         await store.write("CAlive0001", 1, snap | {"call_sid": "CAlive0001"})
