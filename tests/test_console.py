@@ -182,10 +182,13 @@ async def test_twenty_consoles_booking_the_same_slot_make_one_appointment(
 
 
 async def test_console_answers_bad_lines_and_keeps_going(
-    crm_db: str, redis_server_url: str
+    crm_db: str, redis_server_url: str, redis_key_prefix: str
 ) -> None:
     console = await Console.start(
-        caller="+15555550100", database_url=crm_db, redis_url=redis_server_url
+        caller="+15555550100",
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        key_prefix=redis_key_prefix,
     )
     assert (await console.read())["caller_id_matched"] is True
     for line, says in (
