@@ -36,6 +36,7 @@ from core.profile import ProfileError, load_profile
 from core.resources import AppResources, StartupError, check_database, check_redis, open_resources
 from core.settings import Settings, get_settings
 from core.tokens import bearer_token, token_matches
+from crm.migrate import apply_migrations
 from processors.session_snapshot import SnapshotStore
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -108,6 +109,20 @@ def webrtc_dev_refusal(settings: Settings) -> str | None:
     return None
 
 
+async def seed_demo_crm(database_url: str) -> object:
+    """Seed the demo CRM (200 customers, seed 7) into a freshly initialised embedded database.
+
+    Args:
+        database_url: The embedded database.
+
+    Returns:
+        The seeding summary (logged by :func:`core.resources.open_resources`).
+    """
+    from seeding import seed
+
+    return await seed(database_url, customers=200, seed=7, reset=False)
+
+
 def create_app(
     settings: Settings | None = None, *, resources: AppResources | None = None
 ) -> FastAPI:
@@ -132,7 +147,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             app.state.resources = resources or await stack.enter_async_context(
-                open_resources(settings)
+                open_resources(settings, migrate=apply_migrations, seed_demo=seed_demo_crm)
             )
             await _on_started(settings, app.state.resources)
             await stack.enter_async_context(sms_routes.sender_running(app, app.state.resources))
@@ -303,7 +318,9 @@ async def _serve_async(settings: Settings, listener: socket.socket) -> None:
     # from inside the ASGI lifespan; they are closed (embedded servers left, and stopped
     # by the last process using them) on every way out, Ctrl-C and SIGTERM included
     # (uvicorn turns both into a graceful exit).
-    async with open_resources(settings) as resources:
+    async with open_resources(
+        settings, migrate=apply_migrations, seed_demo=seed_demo_crm
+    ) as resources:
         config = uvicorn_config(create_app(settings, resources=resources), settings)
         await uvicorn.Server(config).serve(sockets=[listener])
 
@@ -375,7 +392,9 @@ async def _tools_console(settings: Settings, *, caller: str, now: datetime | Non
     from tools.console import run_console
 
     try:
-        async with open_resources(settings) as resources:
+        async with open_resources(
+            settings, migrate=apply_migrations, seed_demo=seed_demo_crm
+        ) as resources:
             return await run_console(resources, caller=caller, now=now)
     except (StartupError, ProfileError) as exc:
         print(str(exc), file=sys.stderr)
@@ -396,7 +415,7 @@ async def _call(settings: Settings, *, number: str, scenario: str) -> int:
         settings.require(
             "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL"
         )
-        async with open_resources(settings, seed_demo=False) as resources:
+        async with open_resources(settings, migrate=apply_migrations, seed_demo=None) as resources:
             async with resources.db.connection() as conn:
                 customer = await find_by_phone(conn, to)
         call_sid = await place_outbound_call(

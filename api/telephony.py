@@ -198,13 +198,7 @@ async def twilio_outbound(request: Request) -> Response:
     if answered_by.startswith("machine") or answered_by == "fax":
         logger.info(f"outbound call {call_sid} reached voicemail")
         async with resources.db.connection() as conn:
-            await crm_calls.start_call(
-                conn, call_sid=call_sid, direction="outbound", scenario=scenario
-            )
-            await conn.execute(
-                "UPDATE calls SET outcome = 'voicemail', ended_at = now() WHERE call_sid = %(sid)s",
-                {"sid": call_sid},
-            )
+            await crm_calls.record_voicemail(conn, call_sid=call_sid, scenario=scenario)
         profile = resources.profile
         return _xml(
             tw.voicemail_twiml(

@@ -24,6 +24,7 @@ from bot.prompts import greeting
 from core.profile import load_profile
 from core.resources import StartupError, open_resources
 from core.settings import DEFAULT_PROFILE, Settings
+from crm.migrate import apply_migrations
 from runner import create_app
 from seeding import seed
 from tests.fakes.audio import speech_pcm16
@@ -308,7 +309,7 @@ async def test_browser_session_needs_two_factors_and_is_not_greeted_by_name(
     from tools.registry import run_tool
 
     settings = dev_settings(DATABASE_URL=crm_db, REDIS_URL=redis_server_url)
-    async with open_resources(settings, seed_demo=False) as resources:
+    async with open_resources(settings, migrate=apply_migrations, seed_demo=None) as resources:
         await resources.redis.flushdb()
         session = browser_call_session(JAMES)
         ctx = make_tool_context(resources, session)
