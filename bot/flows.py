@@ -24,7 +24,8 @@ from loguru import logger
 from pipecat.flows import FlowArgs, FlowManager, FlowsFunctionSchema, NodeConfig
 from pipecat.frames.frames import LLMMessagesAppendFrame
 
-from tools.registry import TOOLS, ToolContext, run_tool
+from tools.context import ToolContext
+from tools.registry import TOOLS, run_tool
 
 IDENTIFY_TOOLS = ("lookup_customer", "verify_customer")
 SERVICE_TOOLS = (

@@ -56,8 +56,7 @@ from processors.session_snapshot import (
     session_snapshot,
 )
 from processors.spoken_text import SpokenTextAligner
-from tools.console import make_tool_context
-from tools.context import CallSession
+from tools.context import CallSession, make_tool_context
 from tools.customers import identify_caller
 
 PHONE_SAMPLE_RATE = 8000

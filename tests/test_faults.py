@@ -1098,8 +1098,8 @@ async def _callback_once(database_url: str, caller: str | None, given_number: st
 
     from crm import calls as crm_calls
     from crm.calls import E164
-    from tools.context import CallSession
-    from tools.registry import ToolContext, run_tool
+    from tools.context import CallSession, ToolContext
+    from tools.registry import run_tool
 
     closed = load_profile(DEFAULT_PROFILE)
     night = datetime.combine(datetime(2026, 11, 30).date(), datetime.min.time().replace(hour=23))
@@ -1114,9 +1114,7 @@ async def _callback_once(database_url: str, caller: str | None, given_number: st
 
         sid = "CA" + uuid.uuid4().hex
         session = CallSession(call_sid=sid, caller_phone=caller)
-        ctx = ToolContext(
-            session=session, db=OneConnection(), redis=None, profile=closed, now=lambda: night
-        )
+        ctx = ToolContext(session=session, db=OneConnection(), profile=closed, now=lambda: night)
         args: dict[str, Any] = {"reason": "brakes"}
         if given_number is not None:
             args["callback_number"] = given_number

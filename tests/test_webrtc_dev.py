@@ -304,7 +304,7 @@ async def test_browser_session_needs_two_factors_and_is_not_greeted_by_name(
     crm_db: str, redis_server_url: str
 ) -> None:
     from api.webrtc import browser_call_session
-    from tools.console import make_tool_context
+    from tools.context import make_tool_context
     from tools.customers import identify_caller
     from tools.registry import run_tool
 
