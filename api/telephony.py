@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from bot.pipeline import run_call
+from bot.call import run_call
 from campaigns.dialer import record_call_outcome, record_call_status
 from core.pii import mask_phone
 from core.resources import AppResources

@@ -56,7 +56,8 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bot.pipeline import CallOptions, run_call
+from bot.call import run_call
+from bot.pipeline import CallOptions
 from core.settings import Settings
 from core.tokens import bearer_token, derived_token, token_matches
 from tools.context import CallSession
