@@ -19,25 +19,23 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
 from loguru import logger
-from redis.exceptions import RedisError
 
 from core.logs import LogFormat, setup_logging  # first: silences Pipecat's import banner
 
 # isort: split
+from api import ops as ops_routes
 from api import sms as sms_routes
 from api import telephony as call_routes
+from api.deps import BadWebhook, bad_webhook_response
+from api.telephony import CallHooks
 from bot.turn_models import load_turn_models
-from core.metrics import render_metrics
 from core.pii import mask_phone
 from core.profile import ProfileError, load_profile
-from core.resources import AppResources, StartupError, check_database, check_redis, open_resources
+from core.resources import AppResources, StartupError, open_resources
 from core.settings import Settings, get_settings
-from core.tokens import bearer_token, token_matches
 from crm.migrate import apply_migrations
-from processors.session_snapshot import SnapshotStore
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -49,30 +47,6 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     tracebacks without variable values.
     """
     setup_logging(level, log_format)
-
-
-def admin_guard(settings: Settings):
-    """A FastAPI dependency that requires ``Authorization: Bearer <ADMIN_TOKEN>``.
-
-    Without ``ADMIN_TOKEN`` the admin routes are disabled: 503 with a message saying how to
-    enable them. A missing or wrong token (any bytes, non-ASCII included) is a 401.
-    """
-
-    async def require_admin(authorization: str | None = Header(default=None)) -> None:
-        if settings.admin_token is None:
-            raise HTTPException(
-                status_code=503,
-                detail="admin routes are disabled: set ADMIN_TOKEN (in the environment or "
-                ".env) and restart the server to enable them",
-            )
-        if not token_matches(bearer_token(authorization), settings.admin_token.get_secret_value()):
-            raise HTTPException(
-                status_code=401,
-                detail="admin token required",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return require_admin
 
 
 def webrtc_dev_refusal(settings: Settings) -> str | None:
@@ -124,7 +98,10 @@ async def seed_demo_crm(database_url: str) -> object:
 
 
 def create_app(
-    settings: Settings | None = None, *, resources: AppResources | None = None
+    settings: Settings | None = None,
+    *,
+    resources: AppResources | None = None,
+    call_hooks: CallHooks | None = None,
 ) -> FastAPI:
     """Build the FastAPI application.
 
@@ -133,12 +110,12 @@ def create_app(
         resources: Already open process resources (``python runner.py`` opens them before
             serving, so a startup failure is one clear message); when omitted the app's
             lifespan opens them (``uvicorn runner:app``, tests).
+        call_hooks: Observers and knobs of the phone calls (tests, benchmarks).
 
     Returns:
         The app. Its lifespan opens the database pool and the Redis client.
     """
     settings = settings or get_settings()
-    require_admin = admin_guard(settings)
     refusal = webrtc_dev_refusal(settings)
     if refusal:
         raise StartupError(refusal)
@@ -160,10 +137,12 @@ def create_app(
             yield
 
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
-    app.state.active_calls = {}
+    app.state.settings = settings
+    app.state.call_hooks = call_hooks or CallHooks()
+    app.add_exception_handler(BadWebhook, bad_webhook_response)
     app.include_router(call_routes.router)
     app.include_router(sms_routes.router)
-    app.include_router(sms_routes.admin_router, dependencies=[Depends(require_admin)])
+    app.include_router(ops_routes.router)
     webrtc = None
     if settings.webrtc_dev:
         from api.webrtc import mount_client
@@ -174,65 +153,7 @@ def create_app(
             "/client?token=<ADMIN_TOKEN>"
         )
 
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        """Prometheus exposition of the voice agent's metrics."""
-        body, content_type = render_metrics()
-        return Response(content=body, media_type=content_type)
-
-    @app.get("/calls/active", dependencies=[Depends(require_admin)])
-    async def active_calls(request: Request) -> JSONResponse:
-        """Snapshots of the calls in progress (ops; bearer ``ADMIN_TOKEN``)."""
-        store = _snapshots(request)
-        try:
-            sids = sorted(await store.active())
-            snapshots = [snap for sid in sids if (snap := await store.read(sid)) is not None]
-        except RedisError as exc:
-            return _redis_unavailable(exc)
-        return JSONResponse({"calls": snapshots})
-
-    @app.get("/calls/{call_sid}", dependencies=[Depends(require_admin)])
-    async def call_snapshot(call_sid: str, request: Request) -> JSONResponse:
-        """Latest snapshot of one call (ops; bearer ``ADMIN_TOKEN``)."""
-        try:
-            snapshot = await _snapshots(request).read(call_sid)
-        except RedisError as exc:
-            return _redis_unavailable(exc)
-        if snapshot is None:
-            return JSONResponse({"error": "unknown call"}, status_code=404)
-        return JSONResponse(snapshot)
-
-    @app.get("/health")
-    async def health(request: Request) -> JSONResponse:
-        """Report each component; 503 when one is down."""
-        resources: AppResources = request.app.state.resources
-        components: dict[str, str] = {}
-        for name, check in (
-            ("db", lambda: check_database(resources.db)),
-            ("redis", lambda: check_redis(resources.redis)),
-        ):
-            try:
-                await check()
-                components[name] = "ok"
-            except Exception as exc:
-                components[name] = f"down: {type(exc).__name__}"
-        healthy = all(v == "ok" for v in components.values())
-        return JSONResponse(
-            {"status": "ok" if healthy else "degraded", "components": components},
-            status_code=200 if healthy else 503,
-        )
-
     return app
-
-
-def _snapshots(request: Request) -> SnapshotStore:
-    resources: AppResources = request.app.state.resources
-    return SnapshotStore(resources.redis, prefix=resources.settings.redis_key_prefix)
-
-
-def _redis_unavailable(exc: Exception) -> JSONResponse:
-    logger.warning(f"call snapshots unavailable: Redis error {type(exc).__name__}")
-    return JSONResponse({"error": "call snapshots unavailable (Redis is down)"}, status_code=503)
 
 
 async def _on_started(settings: Settings, resources: AppResources) -> None:
