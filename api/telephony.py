@@ -257,6 +257,8 @@ def _parse_start(message: dict[str, Any]) -> StreamStart:
         raise StreamRefused("start message without a start object")
     call_sid = start.get("callSid")
     stream_sid = start.get("streamSid")
+    if not isinstance(call_sid, str) or not isinstance(stream_sid, str):
+        raise StreamRefused("start message without a well-formed callSid and streamSid")
     if not tw.is_call_sid(call_sid) or not tw.is_stream_sid(stream_sid):
         raise StreamRefused("start message without a well-formed callSid and streamSid")
     params = start.get("customParameters", {})

@@ -21,7 +21,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loguru import logger
-from pipecat.flows import FlowArgs, FlowManager, FlowsFunctionSchema, NodeConfig
+from pipecat.flows import (
+    FlowArgs,
+    FlowManager,
+    FlowsDirectFunction,
+    FlowsFunctionSchema,
+    NodeConfig,
+)
 from pipecat.frames.frames import LLMMessagesAppendFrame
 
 from tools.context import ToolContext
@@ -110,7 +116,7 @@ class CallFlow:
             )
         )
 
-    def global_functions(self) -> list[FlowsFunctionSchema]:
+    def global_functions(self) -> list[FlowsFunctionSchema | FlowsDirectFunction]:
         """Functions available at every node."""
         return [self.function(name) for name in GLOBAL_TOOLS]
 
