@@ -20,26 +20,25 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
 from loguru import logger
-from redis.exceptions import RedisError
 
 from core.logs import LogFormat, setup_logging  # first: silences Pipecat's import banner
 
 # isort: split
+from api import ops as ops_routes
 from api import phone as phone_routes  # [phone-features hook]
 from api import sms as sms_routes
 from api import telephony as call_routes
+from api.deps import BadWebhook, bad_webhook_response
 from api.drain import DrainingServer, install_drain
+from api.telephony import CallHooks
 from bot.turn_models import load_turn_models
-from core.metrics import render_metrics
 from core.pii import mask_phone
 from core.profile import ProfileError, load_profile
-from core.resources import AppResources, StartupError, check_database, check_redis, open_resources
+from core.resources import AppResources, StartupError, open_resources
 from core.settings import Settings, get_settings
-from core.tokens import bearer_token, token_matches
-from processors.session_snapshot import SnapshotStore
+from crm.migrate import apply_migrations
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -51,30 +50,6 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     tracebacks without variable values.
     """
     setup_logging(level, log_format)
-
-
-def admin_guard(settings: Settings):
-    """A FastAPI dependency that requires ``Authorization: Bearer <ADMIN_TOKEN>``.
-
-    Without ``ADMIN_TOKEN`` the admin routes are disabled: 503 with a message saying how to
-    enable them. A missing or wrong token (any bytes, non-ASCII included) is a 401.
-    """
-
-    async def require_admin(authorization: str | None = Header(default=None)) -> None:
-        if settings.admin_token is None:
-            raise HTTPException(
-                status_code=503,
-                detail="admin routes are disabled: set ADMIN_TOKEN (in the environment or "
-                ".env) and restart the server to enable them",
-            )
-        if not token_matches(bearer_token(authorization), settings.admin_token.get_secret_value()):
-            raise HTTPException(
-                status_code=401,
-                detail="admin token required",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return require_admin
 
 
 def webrtc_dev_refusal(settings: Settings) -> str | None:
@@ -111,8 +86,25 @@ def webrtc_dev_refusal(settings: Settings) -> str | None:
     return None
 
 
+async def seed_demo_crm(database_url: str) -> object:
+    """Seed the demo CRM (200 customers, seed 7) into a freshly initialised embedded database.
+
+    Args:
+        database_url: The embedded database.
+
+    Returns:
+        The seeding summary (logged by :func:`core.resources.open_resources`).
+    """
+    from seeding import seed
+
+    return await seed(database_url, customers=200, seed=7, reset=False)
+
+
 def create_app(
-    settings: Settings | None = None, *, resources: AppResources | None = None
+    settings: Settings | None = None,
+    *,
+    resources: AppResources | None = None,
+    call_hooks: CallHooks | None = None,
 ) -> FastAPI:
     """Build the FastAPI application.
 
@@ -121,12 +113,12 @@ def create_app(
         resources: Already open process resources (``python runner.py`` opens them before
             serving, so a startup failure is one clear message); when omitted the app's
             lifespan opens them (``uvicorn runner:app``, tests).
+        call_hooks: Observers and knobs of the phone calls (tests, benchmarks).
 
     Returns:
         The app. Its lifespan opens the database pool and the Redis client.
     """
     settings = settings or get_settings()
-    require_admin = admin_guard(settings)
     refusal = webrtc_dev_refusal(settings)
     if refusal:
         raise StartupError(refusal)
@@ -135,7 +127,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             app.state.resources = resources or await stack.enter_async_context(
-                open_resources(settings)
+                open_resources(settings, migrate=apply_migrations, seed_demo=seed_demo_crm)
             )
             await _on_started(settings, app.state.resources)
             await stack.enter_async_context(sms_routes.sender_running(app, app.state.resources))
@@ -148,10 +140,12 @@ def create_app(
             yield
 
     app = FastAPI(title="Dealership service voice agent", lifespan=lifespan)
-    app.state.active_calls = {}
+    app.state.settings = settings
+    app.state.call_hooks = call_hooks or CallHooks()
+    app.add_exception_handler(BadWebhook, bad_webhook_response)
     app.include_router(call_routes.router)
     app.include_router(sms_routes.router)
-    app.include_router(sms_routes.admin_router, dependencies=[Depends(require_admin)])
+    app.include_router(ops_routes.router)
     from ops import mount_console  # the service manager's console under /ops
 
     mount_console(app)
@@ -167,65 +161,7 @@ def create_app(
             "/client?token=<ADMIN_TOKEN>"
         )
 
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        """Prometheus exposition of the voice agent's metrics."""
-        body, content_type = render_metrics()
-        return Response(content=body, media_type=content_type)
-
-    @app.get("/calls/active", dependencies=[Depends(require_admin)])
-    async def active_calls(request: Request) -> JSONResponse:
-        """Snapshots of the calls in progress (ops; bearer ``ADMIN_TOKEN``)."""
-        store = _snapshots(request)
-        try:
-            sids = sorted(await store.active())
-            snapshots = [snap for sid in sids if (snap := await store.read(sid)) is not None]
-        except RedisError as exc:
-            return _redis_unavailable(exc)
-        return JSONResponse({"calls": snapshots})
-
-    @app.get("/calls/{call_sid}", dependencies=[Depends(require_admin)])
-    async def call_snapshot(call_sid: str, request: Request) -> JSONResponse:
-        """Latest snapshot of one call (ops; bearer ``ADMIN_TOKEN``)."""
-        try:
-            snapshot = await _snapshots(request).read(call_sid)
-        except RedisError as exc:
-            return _redis_unavailable(exc)
-        if snapshot is None:
-            return JSONResponse({"error": "unknown call"}, status_code=404)
-        return JSONResponse(snapshot)
-
-    @app.get("/health")
-    async def health(request: Request) -> JSONResponse:
-        """Report each component; 503 when one is down."""
-        resources: AppResources = request.app.state.resources
-        components: dict[str, str] = {}
-        for name, check in (
-            ("db", lambda: check_database(resources.db)),
-            ("redis", lambda: check_redis(resources.redis)),
-        ):
-            try:
-                await check()
-                components[name] = "ok"
-            except Exception as exc:
-                components[name] = f"down: {type(exc).__name__}"
-        healthy = all(v == "ok" for v in components.values())
-        return JSONResponse(
-            {"status": "ok" if healthy else "degraded", "components": components},
-            status_code=200 if healthy else 503,
-        )
-
     return app
-
-
-def _snapshots(request: Request) -> SnapshotStore:
-    resources: AppResources = request.app.state.resources
-    return SnapshotStore(resources.redis, prefix=resources.settings.redis_key_prefix)
-
-
-def _redis_unavailable(exc: Exception) -> JSONResponse:
-    logger.warning(f"call snapshots unavailable: Redis error {type(exc).__name__}")
-    return JSONResponse({"error": "call snapshots unavailable (Redis is down)"}, status_code=503)
 
 
 async def _on_started(settings: Settings, resources: AppResources) -> None:
@@ -312,7 +248,9 @@ async def _serve_async(settings: Settings, *, listener: socket.socket, workers: 
     # the servers' URLs and open their own pool and Redis client. Everything is closed
     # (embedded servers left, and stopped by the last process using them) after the last
     # worker has exited.
-    async with open_resources(settings) as resources:
+    async with open_resources(
+        settings, migrate=apply_migrations, seed_demo=seed_demo_crm
+    ) as resources:
         os.environ["DATABASE_URL"] = resources.database_url
         os.environ["REDIS_URL"] = resources.redis_url
         logger.info(
@@ -419,7 +357,9 @@ async def _tools_console(settings: Settings, *, caller: str, now: datetime | Non
     from tools.console import run_console
 
     try:
-        async with open_resources(settings) as resources:
+        async with open_resources(
+            settings, migrate=apply_migrations, seed_demo=seed_demo_crm
+        ) as resources:
             return await run_console(resources, caller=caller, now=now)
     except (StartupError, ProfileError) as exc:
         print(str(exc), file=sys.stderr)
@@ -440,7 +380,7 @@ async def _call(settings: Settings, *, number: str, scenario: str) -> int:
         settings.require(
             "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL"
         )
-        async with open_resources(settings, seed_demo=False) as resources:
+        async with open_resources(settings, migrate=apply_migrations, seed_demo=None) as resources:
             async with resources.db.connection() as conn:
                 customer = await find_by_phone(conn, to)
         call_sid = await place_outbound_call(

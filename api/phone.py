@@ -24,25 +24,16 @@ the recording from Twilio with the account's credentials (which never leave the 
 
 from __future__ import annotations
 
-import hmac
 import re
 from datetime import date, datetime
 from typing import Any
 
-from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from loguru import logger
 
-from api.telephony import (
-    BadWebhook,
-    _call_sid,
-    _calls_disabled_response,
-    _calls_enabled,
-    _id_query,
-    _resources,
-    _signed_form,
-    _xml,
-)
+from api.deps import AdminDep, BadWebhook, ResourcesDep
+from api.telephony import CallFormDep, _call_sid, _id_query, _xml
 from bot.i18n import text
 from campaigns.dialer import record_call_outcome
 from core.resources import AppResources
@@ -88,28 +79,14 @@ def _optional_call_sid(form: dict[str, str], name: str) -> str | None:
     return value
 
 
-async def _webhook(request: Request) -> tuple[AppResources, dict[str, str]] | Response:
-    """Resources and the signed form, or the answer to give (503, 403, 4xx)."""
-    resources = _resources(request)
-    if missing := _calls_enabled(resources):
-        return _calls_disabled_response(missing)
-    try:
-        form = await _signed_form(request)
-    except BadWebhook as bad:
-        return bad.response()
-    return resources, form
-
-
 # --- warm transfer ------------------------------------------------------------------------
 
 
 @router.post("/twilio/transfer/whisper")
-async def transfer_whisper(request: Request) -> Response:
+async def transfer_whisper(
+    request: Request, form: CallFormDep, resources: ResourcesDep
+) -> Response:
     """The advisor answered: say the whisper to them (once), then Twilio connects."""
-    checked = await _webhook(request)
-    if isinstance(checked, Response):
-        return checked
-    resources, form = checked
     try:
         call_sid = request.query_params.get("call_sid", "")
         if not tw.is_call_sid(call_sid):
@@ -137,12 +114,8 @@ def _callback_phone(form: dict[str, str]) -> str | None:
 
 
 @router.post("/twilio/transfer/status")
-async def transfer_status(request: Request) -> Response:
+async def transfer_status(request: Request, form: CallFormDep, resources: ResourcesDep) -> Response:
     """The advisor's leg ended: connected calls hang up; the others get a callback."""
-    checked = await _webhook(request)
-    if isinstance(checked, Response):
-        return checked
-    resources, form = checked
     try:
         call_sid = _call_sid(form)
         dial_status = form.get("DialCallStatus", "")
@@ -183,12 +156,10 @@ async def transfer_status(request: Request) -> Response:
 
 
 @router.post("/twilio/recording")
-async def recording_status(request: Request) -> Response:
+async def recording_status(
+    request: Request, form: CallFormDep, resources: ResourcesDep
+) -> Response:
     """Twilio's recording status callback: SID, status, duration and URL on the call."""
-    checked = await _webhook(request)
-    if isinstance(checked, Response):
-        return checked
-    resources, form = checked
     try:
         call_sid = _call_sid(form)
         recording_sid = form.get("RecordingSid", "")
@@ -227,12 +198,10 @@ async def recording_status(request: Request) -> Response:
 
 
 @router.post("/twilio/amd")
-async def answering_machine(request: Request) -> Response:
+async def answering_machine(
+    request: Request, form: CallFormDep, resources: ResourcesDep
+) -> Response:
     """The async AMD verdict: after a machine's beep, leave the voicemail."""
-    checked = await _webhook(request)
-    if isinstance(checked, Response):
-        return checked
-    resources, form = checked
     try:
         call_sid = _call_sid(form)
         answered_by = form.get("AnsweredBy", "")
@@ -302,17 +271,6 @@ async def _leave_voicemail(
 # --- ops ----------------------------------------------------------------------------------
 
 
-async def require_admin(request: Request, authorization: str | None = Header(default=None)) -> None:
-    """``Authorization: Bearer <ADMIN_TOKEN>`` (401 otherwise)."""
-    settings = _resources(request).settings
-    token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not token or not authorization or not hmac.compare_digest(given.encode(), token.encode()):
-        raise HTTPException(
-            status_code=401, detail="admin token required", headers={"WWW-Authenticate": "Bearer"}
-        )
-
-
 def _checked_call_sid(call_sid: str) -> str:
     if not tw.is_call_sid(call_sid):
         raise HTTPException(status_code=404, detail="unknown call")
@@ -321,11 +279,9 @@ def _checked_call_sid(call_sid: str) -> str:
 
 @router.get("/calls/{call_sid}/recording")
 async def call_recording(
-    call_sid: str, request: Request, authorization: str | None = Header(default=None)
+    call_sid: str, request: Request, resources: ResourcesDep, _admin: AdminDep
 ) -> Response:
     """The call's recording (``?format=mp3`` or ``wav``), streamed from Twilio."""
-    await require_admin(request, authorization)
-    resources = _resources(request)
     call_sid = _checked_call_sid(call_sid)
     media_format = request.query_params.get("format", "mp3")
     if media_format not in twilio_rest.MEDIA_TYPES:
@@ -362,11 +318,9 @@ def _jsonable(value: Any) -> Any:
 
 @router.get("/calls/{call_sid}/summary")
 async def call_summary(
-    call_sid: str, request: Request, authorization: str | None = Header(default=None)
+    call_sid: str, request: Request, resources: ResourcesDep, _admin: AdminDep
 ) -> Response:
     """The call's structured summary, outcome, transfer and recording facts."""
-    await require_admin(request, authorization)
-    resources = _resources(request)
     call_sid = _checked_call_sid(call_sid)
     async with resources.db.connection() as conn:
         record = await crm_phone.call_record(conn, call_sid)

@@ -17,68 +17,47 @@ import contextlib
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Annotated
 
 import psycopg
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from loguru import logger
 from psycopg_pool import PoolTimeout
+from starlette.requests import HTTPConnection
 
+from api.deps import AdminDep, ResourcesDep, TwilioTextFormDep
 from core.pii import mask_phone
 from core.resources import AppResources
 from crm import messages as crm_messages
 from messaging.replies import handle_inbound
 from messaging.sender import Sender, record_delivery_status
 from telephony import sms as tw_sms
-from telephony import twilio as tw
 
 _SID = re.compile(r"^[A-Za-z0-9]{2,64}$")
 _STATUS = re.compile(r"^[a-z_-]{1,32}$")
 router = APIRouter()
-admin_router = APIRouter()
 #: Form fields longer than this are cut before use (Twilio's own limit is 1600).
 MAX_FIELD_CHARS = 4096
-
-
-def _resources(request: Request) -> AppResources:
-    return request.app.state.resources
-
-
-async def _signed_form(request: Request) -> dict[str, str] | None:
-    resources = _resources(request)
-    if not resources.settings.public_base_url:
-        return None
-    try:
-        form = {k: str(v) for k, v in (await request.form()).items()}
-    except Exception:  # unparsable body: it cannot be signed either
-        return None
-    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    if not tw.signature_is_valid(
-        resources.settings,
-        url=tw.public_url(resources.settings, path),
-        params=form,
-        signature=request.headers.get("X-Twilio-Signature"),
-    ):
-        logger.warning(f"rejected unsigned or mis-signed Twilio request to {request.url.path}")
-        return None
-    return form
 
 
 def _twiml() -> Response:
     return Response(content=tw_sms.empty_twiml(), media_type="application/xml")
 
 
-def _sender(request: Request) -> Sender | None:
-    return getattr(request.app.state, "sms_sender", None)
+def get_sender(conn: HTTPConnection) -> Sender | None:
+    """The web server's text sender (``None`` while texting is off)."""
+    return getattr(conn.app.state, "sms_sender", None)
+
+
+SenderDep = Annotated[Sender | None, Depends(get_sender)]
 
 
 @router.post("/twilio/sms")
-async def inbound_sms(request: Request) -> Response:
+async def inbound_sms(
+    form: TwilioTextFormDep, resources: ResourcesDep, sender: SenderDep
+) -> Response:
     """An inbound text: C confirms, R asks for a call back, STOP opts out, HELP helps."""
-    form = await _signed_form(request)
-    if form is None:
-        return PlainTextResponse("invalid signature", status_code=403)
-    resources = _resources(request)
     try:
         result = await handle_inbound(
             resources.db,
@@ -93,7 +72,6 @@ async def inbound_sms(request: Request) -> Response:
         return PlainTextResponse("temporarily unavailable", status_code=503)
     if result.action == "ignored":
         logger.info(f"inbound text from {mask_phone(form.get('From', '')[:32])} ignored")
-    sender = _sender(request)
     if sender is not None and result.reply_id is not None:
         sender.wake()
     return _twiml()
@@ -105,15 +83,13 @@ def _error_code(raw: str | None) -> int | None:
 
 
 @router.post("/twilio/sms/status")
-async def sms_status(request: Request) -> Response:
+async def sms_status(
+    form: TwilioTextFormDep, resources: ResourcesDep, sender: SenderDep
+) -> Response:
     """A text's delivery status: delivered, undelivered or failed (with ``ErrorCode``)."""
-    form = await _signed_form(request)
-    if form is None:
-        return PlainTextResponse("invalid signature", status_code=403)
     sid = form.get("MessageSid", form.get("SmsSid", ""))
     status = form.get("MessageStatus", form.get("SmsStatus", ""))
     if _SID.match(sid) and _STATUS.match(status):
-        resources = _resources(request)
         try:
             result = await record_delivery_status(
                 resources.db,
@@ -125,18 +101,17 @@ async def sms_status(request: Request) -> Response:
         except (psycopg.Error, PoolTimeout, OSError) as exc:
             logger.error(f"text status not recorded: {type(exc).__name__}")
             return PlainTextResponse("temporarily unavailable", status_code=503)
-        sender = _sender(request)
         if result is not None and sender is not None:
             sender.wake()
     return PlainTextResponse("", status_code=204)
 
 
-@admin_router.get("/messages/failed")
+@router.get("/messages/failed")
 async def failed_messages(
-    request: Request, limit: int = Query(default=100, ge=1, le=1000)
+    _admin: AdminDep, resources: ResourcesDep, limit: int = Query(default=100, ge=1, le=1000)
 ) -> JSONResponse:
-    """Failed and undelivered texts, newest first, with their retry (ops)."""
-    async with _resources(request).db.connection() as conn:
+    """Failed and undelivered texts, newest first, with their retry (ops; admin token)."""
+    async with resources.db.connection() as conn:
         rows = await crm_messages.failed_texts(conn, limit=limit)
     return JSONResponse(
         {

@@ -17,11 +17,11 @@ import asyncio
 import contextlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qsl
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import PlainTextResponse, Response
 from loguru import logger
 from pipecat.transports.websocket.fastapi import (
@@ -29,11 +29,13 @@ from pipecat.transports.websocket.fastapi import (
     FastAPIWebsocketTransport,
 )
 from redis.exceptions import RedisError
-from starlette.requests import ClientDisconnect
+from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from api.deps import BadWebhook, ResourcesDep, TwilioFormDep
+from bot.call import run_call
 from bot.handover import AdvisorHandover  # [phone-features hook]
-from bot.pipeline import run_call
+from bot.pipeline import CallOptions
 from campaigns.dialer import record_call_outcome, record_call_status
 from core.pii import mask_phone
 from core.resources import AppResources
@@ -47,9 +49,6 @@ WS_POLICY_VIOLATION = 1008
 WS_TRY_AGAIN_LATER = 1013
 #: Bytes; Twilio media messages are well under 1 KiB.
 MAX_MEDIA_MESSAGE_BYTES = 16 * 1024
-#: Twilio webhook forms are a few dozen short fields.
-MAX_WEBHOOK_BODY_BYTES = 64 * 1024
-MAX_WEBHOOK_FIELDS = 200
 _CALL_STATUS_RE = re.compile(r"[a-z][a-z-]{0,31}")
 _SEQUENCE_RE = re.compile(r"[0-9]{1,9}")
 START_TIMEOUT_SECS = 10.0
@@ -59,67 +58,45 @@ VOICEMAIL_TEXT = (
 )
 
 
-def _resources(request: Request | WebSocket) -> AppResources:
-    return request.app.state.resources
+@dataclass
+class CallHooks:
+    """Observers and knobs of the phone calls, given to ``runner.create_app`` (tests,
+    benchmarks); production passes none.
 
-
-class BadWebhook(Exception):
-    """A webhook request that gets a clear 4xx answer.
-
-    Args:
-        status: HTTP status of the answer.
-        message: Short plain-text body (no request content echoed).
+    Attributes:
+        options_factory: Pipeline knobs of each new call (``None``: the phone defaults).
+        active: Filled with the calls in progress, by CallSid, when given.
     """
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    def response(self) -> Response:
-        """The plain-text answer."""
-        return PlainTextResponse(self.message, status_code=self.status)
+    options_factory: Callable[[], CallOptions | None] | None = None
+    active: dict[str, CallSession] | None = None
 
 
-async def _read_form(request: Request) -> dict[str, str]:
-    """The webhook's url-encoded form, read with a size cap (the last value of a repeated
-    field wins, as in Starlette's form parsing)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in ("", "application/x-www-form-urlencoded"):
-        raise BadWebhook(415, "expected an application/x-www-form-urlencoded body")
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_WEBHOOK_BODY_BYTES:
-                raise BadWebhook(413, "request body too large")
-    except ClientDisconnect:
-        raise BadWebhook(400, "client disconnected") from None
-    try:
-        text = body.decode("utf-8")
-        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_WEBHOOK_FIELDS)
-    except (UnicodeDecodeError, ValueError):
-        raise BadWebhook(400, "malformed form body") from None
-    return dict(pairs)
+def get_call_hooks(conn: HTTPConnection) -> CallHooks:
+    """The call hooks the app was created with."""
+    return conn.app.state.call_hooks
 
 
-async def _signed_form(request: Request) -> dict[str, str]:
-    """The form of a webhook whose ``X-Twilio-Signature`` is valid (403 otherwise)."""
-    resources = _resources(request)
-    form = await _read_form(request)
-    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    url = tw.public_url(resources.settings, path)
-    if not tw.signature_is_valid(
-        resources.settings,
-        url=url,
-        params=form,
-        signature=request.headers.get("X-Twilio-Signature"),
-    ):
-        logger.warning(f"rejected unsigned or mis-signed Twilio request to {request.url.path}")
-        raise BadWebhook(403, "invalid signature")
+CallHooksDep = Annotated[CallHooks, Depends(get_call_hooks)]
+
+
+async def calls_enabled(resources: ResourcesDep) -> None:
+    """503 naming the missing settings while calls are disabled."""
+    missing = resources.settings.missing_call_settings()
+    if missing:
+        raise BadWebhook(503, f"calls disabled: missing {', '.join(missing)}")
+
+
+async def call_webhook_form(
+    _enabled: Annotated[None, Depends(calls_enabled)], form: TwilioFormDep
+) -> dict[str, str]:
+    """The signed form of a call webhook (calls enabled; no NUL characters: 400)."""
     if any("\x00" in k or "\x00" in v for k, v in form.items()):
         raise BadWebhook(400, "form fields must not contain NUL characters")
     return form
+
+
+CallFormDep = Annotated[dict[str, str], Depends(call_webhook_form)]
 
 
 def _call_sid(form: dict[str, str]) -> str:
@@ -153,18 +130,10 @@ def _calls_enabled(resources: AppResources) -> str | None:
     return ", ".join(missing) if missing else None
 
 
-def _calls_disabled_response(missing: str) -> Response:
-    return PlainTextResponse(f"calls disabled: missing {missing}", status_code=503)
-
-
 @router.post("/twilio/voice")
-async def twilio_voice(request: Request) -> Response:
+async def twilio_voice(form: CallFormDep, resources: ResourcesDep) -> Response:
     """Inbound call webhook: connect the call to the media stream."""
-    resources = _resources(request)
-    if missing := _calls_enabled(resources):
-        return _calls_disabled_response(missing)
     try:
-        form = await _signed_form(request)
         call_sid = _call_sid(form)
         caller = _phone_field(form, "From")
     except BadWebhook as bad:
@@ -180,13 +149,9 @@ async def twilio_voice(request: Request) -> Response:
 
 
 @router.post("/twilio/outbound")
-async def twilio_outbound(request: Request) -> Response:
+async def twilio_outbound(request: Request, form: CallFormDep, resources: ResourcesDep) -> Response:
     """An outbound call was answered: the bot for a person, a voicemail for a machine."""
-    resources = _resources(request)
-    if missing := _calls_enabled(resources):
-        return _calls_disabled_response(missing)
     try:
-        form = await _signed_form(request)
         scenario = request.query_params.get("scenario", "service_due")
         if scenario not in ("service_due", "confirmation"):
             raise BadWebhook(400, "unknown scenario")
@@ -232,13 +197,9 @@ def _spoken(number: str) -> str:
 
 
 @router.post("/twilio/status")
-async def twilio_status(request: Request) -> Response:
+async def twilio_status(form: CallFormDep, resources: ResourcesDep) -> Response:
     """Status callbacks: recorded once per (call, status, sequence)."""
-    resources = _resources(request)
-    if missing := _calls_enabled(resources):
-        return _calls_disabled_response(missing)
     try:
-        form = await _signed_form(request)
         call_sid = _call_sid(form)
         status = form.get("CallStatus") or "unknown"
         if not _CALL_STATUS_RE.fullmatch(status):
@@ -263,9 +224,6 @@ async def twilio_status(request: Request) -> Response:
             answered_by=form.get("AnsweredBy"),
             campaign_settings=resources.profile.campaigns,
         )
-    hook = getattr(request.app.state, "on_call_status", None)
-    if new and hook is not None:
-        await hook(call_sid=call_sid, status=status, form=safe)
     return PlainTextResponse("", status_code=204)
 
 
@@ -304,6 +262,8 @@ def _parse_start(message: dict[str, Any]) -> StreamStart:
         raise StreamRefused("start message without a start object")
     call_sid = start.get("callSid")
     stream_sid = start.get("streamSid")
+    if not isinstance(call_sid, str) or not isinstance(stream_sid, str):
+        raise StreamRefused("start message without a well-formed callSid and streamSid")
     if not tw.is_call_sid(call_sid) or not tw.is_stream_sid(stream_sid):
         raise StreamRefused("start message without a well-formed callSid and streamSid")
     params = start.get("customParameters", {})
@@ -395,9 +355,8 @@ class StreamAdmission:
 
 
 @router.websocket("/twilio/media")
-async def twilio_media(websocket: WebSocket) -> None:
+async def twilio_media(websocket: WebSocket, resources: ResourcesDep, hooks: CallHooksDep) -> None:
     """Twilio media stream: verify the per-call token, then run the bot."""
-    resources = _resources(websocket)
     settings = resources.settings
     await websocket.accept()
     try:
@@ -436,7 +395,7 @@ async def twilio_media(websocket: WebSocket) -> None:
         direction="outbound" if claims.direction == "outbound" else "inbound",
         scenario=claims.scenario,
     )
-    registry = getattr(websocket.app.state, "active_calls", None)
+    registry = hooks.active
     if registry is not None:
         registry[call_sid] = session
     keep_alive = asyncio.create_task(admission.marker.keep_alive(), name=f"live-marker-{call_sid}")
@@ -450,7 +409,7 @@ async def twilio_media(websocket: WebSocket) -> None:
                 session=session,
                 twilio=tw.TwilioCallControl(settings, call_sid, serializer),
             ),
-            options=_call_options(websocket),
+            options=hooks.options_factory() if hooks.options_factory else None,
             # Loaded by the call itself, so a database outage cannot stop it starting.
             customer_id=tw.parse_id(claims.customer_id),
         )
@@ -474,14 +433,6 @@ async def twilio_media(websocket: WebSocket) -> None:
                 logger.error(
                     f"call {call_sid}: campaign outcome not recorded: {type(exc).__name__}"
                 )
-        hook = getattr(websocket.app.state, "on_call_finished", None)
-        if hook is not None:
-            await hook(session)
-
-
-def _call_options(websocket: WebSocket):
-    factory = getattr(websocket.app.state, "call_options_factory", None)
-    return factory() if factory else None
 
 
 async def _hang_up_after_crash(settings, call_sid: str) -> None:

@@ -39,7 +39,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -56,7 +56,8 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bot.pipeline import CallOptions, run_call
+from bot.call import run_call
+from bot.pipeline import CallOptions
 from core.settings import Settings
 from core.tokens import bearer_token, derived_token, token_matches
 from tools.context import CallSession
@@ -250,13 +251,17 @@ class DevClient:
             await asyncio.wait(pending, timeout=5)
 
 
-def _dev(request: Request) -> DevClient:
+def get_dev_client(request: Request) -> DevClient:
+    """The app's browser-client state (mounted by :func:`mount_client`)."""
     return request.app.state.webrtc
 
 
-async def require_access(request: Request) -> None:
+DevClientDep = Annotated[DevClient, Depends(get_dev_client)]
+
+
+async def require_access(request: Request, dev: DevClientDep) -> None:
     """Route dependency: the access cookie or ``Authorization: Bearer <ADMIN_TOKEN>``."""
-    if not _dev(request).authorized(request):
+    if not dev.authorized(request):
         raise DevClientError(
             401,
             "admin token required: open /client?token=<ADMIN_TOKEN> in this browser, or send "
@@ -383,21 +388,20 @@ async def root() -> RedirectResponse:
 
 
 @router.post("/start", dependencies=[Depends(require_access)])
-async def start(request: Request) -> dict[str, Any]:
+async def start(request: Request, dev: DevClientDep) -> dict[str, Any]:
     """Register a browser session; the bot starts when its WebRTC offer arrives."""
-    dev = _dev(request)
     dev.require_calls_possible()
     caller = _start_caller(request, await read_json(request))
     return {"sessionId": dev.sessions.add(caller)}
 
 
 @router.api_route("/api/offer", methods=["POST", "PATCH"], dependencies=[Depends(require_access)])
-async def offer(request: Request) -> Any:
+async def offer(request: Request, dev: DevClientDep) -> Any:
     """SDP offer (POST) or ICE candidates (PATCH) without a session id."""
     caller = request.cookies.get(CALLER_COOKIE)
     if not caller or not E164.fullmatch(caller):
         caller = DEFAULT_DEMO_CALLER
-    return await _signal(request, caller)
+    return await _signal(request, dev, caller)
 
 
 @router.api_route(
@@ -405,16 +409,15 @@ async def offer(request: Request) -> Any:
     methods=["POST", "PATCH"],
     dependencies=[Depends(require_access)],
 )
-async def session_offer(session_id: str, request: Request) -> Any:
+async def session_offer(session_id: str, request: Request, dev: DevClientDep) -> Any:
     """SDP offer or ICE candidates of a session registered by ``/start``."""
-    caller = _dev(request).sessions.get(session_id)
+    caller = dev.sessions.get(session_id)
     if caller is None:
         raise DevClientError(404, "unknown or expired session: start a new one")
-    return await _signal(request, caller)
+    return await _signal(request, dev, caller)
 
 
-async def _signal(request: Request, caller: str) -> Any:
-    dev = _dev(request)
+async def _signal(request: Request, dev: DevClient, caller: str) -> Any:
     data = await read_json(request)
     if request.method == "PATCH":
         patch = _parse(PatchBody, data, "ICE candidates")

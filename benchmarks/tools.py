@@ -63,9 +63,9 @@ from core.profile import DealershipProfile, load_profile  # noqa: E402
 from core.settings import DEFAULT_PROFILE  # noqa: E402
 from scheduling.calendar import PostgresCalendar  # noqa: E402
 from seeding import seed  # noqa: E402
-from tools.context import CallSession  # noqa: E402
+from tools.context import CallSession, ToolContext  # noqa: E402
 from tools.customers import identify_caller  # noqa: E402
-from tools.registry import ToolContext, run_tool  # noqa: E402
+from tools.registry import run_tool  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -134,7 +134,6 @@ class Bench:
         return ToolContext(
             session=session,
             db=self.pool,
-            redis=self.redis,
             profile=self.profile,
             calendar=PostgresCalendar(),
             now=lambda: NOW,

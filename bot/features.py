@@ -243,8 +243,12 @@ class CallFeatures:
             return
         await self._start_recording()
 
-    async def close(self) -> None:
-        """After the call: finish pending work, then write the summary."""
+    async def close(self, *, incidents: list[str] | None = None) -> None:
+        """After the call: finish pending work, then write the summary.
+
+        Args:
+            incidents: What went wrong on the call (service failures), added to the summary.
+        """
         if self.handover is not None:
             await self.handover.wait()
         await self._wait_tasks()
@@ -252,13 +256,13 @@ class CallFeatures:
         try:
             facts = await call_facts(self.resources, session)
             summary, source = await summarize(self.resources, facts, call_sid=session.call_sid)
+            text, data = summary.text, summary.model_dump()
+            if incidents:
+                text += " Incidents: " + ", ".join(incidents) + "."
+                data["incidents"] = list(incidents)
             async with self.resources.db.connection() as conn:
                 await crm_phone.save_summary(
-                    conn,
-                    call_sid=session.call_sid,
-                    text=summary.text,
-                    data=summary.model_dump(),
-                    source=source,
+                    conn, call_sid=session.call_sid, text=text, data=data, source=source
                 )
                 await crm_phone.attach_callback_summary(
                     conn, call_sid=session.call_sid, summary=summary.text

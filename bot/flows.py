@@ -21,11 +21,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loguru import logger
-from pipecat.flows import FlowArgs, FlowManager, FlowsFunctionSchema, NodeConfig
+from pipecat.flows import (
+    FlowArgs,
+    FlowManager,
+    FlowsDirectFunction,
+    FlowsFunctionSchema,
+    NodeConfig,
+)
 from pipecat.frames.frames import LLMMessagesAppendFrame
 
 from bot.i18n import localize_result
-from tools.registry import TOOLS, ToolContext, run_tool
+from tools.context import ToolContext
+from tools.registry import TOOLS, run_tool
 
 IDENTIFY_TOOLS = ("lookup_customer", "verify_customer")
 SERVICE_TOOLS = (
@@ -112,7 +119,7 @@ class CallFlow:
             )
         )
 
-    def global_functions(self) -> list[FlowsFunctionSchema]:
+    def global_functions(self) -> list[FlowsFunctionSchema | FlowsDirectFunction]:
         """Functions available at every node."""
         return [self.function(name) for name in GLOBAL_TOOLS]
 

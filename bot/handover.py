@@ -70,6 +70,10 @@ class AdvisorHandover:
             await tw.clear_handed_off(self.resources.redis, session.call_sid)
             raise
 
+    async def redirect(self, twiml: str) -> None:
+        """Hand the call to other TwiML (the failure policy's Twilio ``<Say>``)."""
+        await self.twilio.redirect(twiml)
+
     async def _redirect(self, number: str) -> None:
         session = self.session
         settings = self.resources.settings

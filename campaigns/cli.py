@@ -110,6 +110,7 @@ async def campaign_command(
     from core.profile import ProfileError
     from core.resources import StartupError, open_resources
     from core.settings import MissingSettingError
+    from crm.migrate import apply_migrations
 
     campaign = CLI_CAMPAIGNS[args.campaign]
     try:
@@ -125,7 +126,7 @@ async def campaign_command(
             settings.require(
                 "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL"
             )
-        async with open_resources(settings, seed_demo=False) as resources:
+        async with open_resources(settings, migrate=apply_migrations, seed_demo=None) as resources:
             # Outside the window nobody is planned: say so (and until when) instead of
             # printing an empty plan. With --json, stdout stays JSON lines: it goes to stderr.
             notice = await _closed_window_notice(
@@ -191,6 +192,7 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
     from core.profile import ProfileError
     from core.resources import StartupError, open_resources
     from core.settings import MissingSettingError
+    from crm.migrate import apply_migrations
     from telephony.sms import sms_configured
 
     stop = asyncio.Event()
@@ -202,7 +204,7 @@ async def worker_command(settings: Settings, *, dial: DialFn | None = None) -> i
             settings.require(
                 "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL"
             )
-        async with open_resources(settings, seed_demo=False) as resources:
+        async with open_resources(settings, migrate=apply_migrations, seed_demo=None) as resources:
             sender = None
             if resources.profile.texting.enabled and sms_configured(settings):
                 sender = Sender(

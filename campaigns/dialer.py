@@ -509,7 +509,7 @@ async def record_call_status(
 async def record_call_outcome(
     db: AsyncConnectionPool, *, call_sid: str, outcome: str | None
 ) -> dict | None:
-    """The bot's outcome of a campaign call (e.g. from ``on_call_finished``).
+    """The bot's outcome of a campaign call (recorded by the media-stream route at its end).
 
     Args:
         db: Connection pool.

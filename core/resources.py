@@ -20,6 +20,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_exponential
 
 from core.pending import PendingWrites
 from core.profile import DealershipProfile, load_profile
@@ -179,16 +180,19 @@ async def retry_with_backoff(
     Raises:
         Exception: The last error when every attempt failed.
     """
-    delay = first_delay
-    for attempt in range(1, attempts + 1):
-        try:
+
+    def log_failure(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        logger.warning(f"{what} not reachable (attempt {state.attempt_number}/{attempts}): {exc}")
+
+    async for attempt in AsyncRetrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=first_delay, exp_base=2, max=max_delay),
+        before_sleep=log_failure,
+        reraise=True,
+    ):
+        with attempt:
             return await action()
-        except Exception as exc:
-            if attempt == attempts:
-                raise
-            logger.warning(f"{what} not reachable (attempt {attempt}/{attempts}): {exc}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay)
     raise AssertionError("unreachable")
 
 
@@ -222,14 +226,19 @@ async def check_redis(client: aioredis.Redis) -> None:
 
 @contextlib.asynccontextmanager
 async def open_resources(
-    settings: Settings, *, migrate: bool = True, seed_demo: bool = True
+    settings: Settings,
+    *,
+    migrate: Callable[[str], Awaitable[object]] | None,
+    seed_demo: Callable[[str], Awaitable[object]] | None,
 ) -> AsyncIterator[AppResources]:
     """Open the pool and the Redis client (starting embedded servers when needed).
 
     Args:
         settings: Application settings.
-        migrate: Apply pending CRM migrations before opening the pool.
-        seed_demo: Seed the demo CRM data into an embedded database on its first start.
+        migrate: Applies pending CRM migrations to a database URL before the pool opens
+            (``crm.migrate.apply_migrations``); ``None`` applies none.
+        seed_demo: Seeds the demo CRM data into an embedded database on its first start
+            (given its URL; what it returns is logged); ``None`` seeds nothing.
 
     Yields:
         The process resources; everything is closed and stopped on exit.
@@ -269,22 +278,16 @@ async def open_resources(
             redis_url = rd.url
             logger.info("REDIS_URL unset: using the embedded Redis under DATA_DIR")
 
-        if migrate:
-            from crm.migrate import apply_migrations
-
+        if migrate is not None:
             try:
-                await retry_with_backoff(
-                    lambda: apply_migrations(database_url), what="Postgres", attempts=5
-                )
+                await retry_with_backoff(lambda: migrate(database_url), what="Postgres", attempts=5)
             except Exception as exc:
                 raise StartupError(
                     f"Postgres is unreachable or refused the migrations ({exc}). Check "
                     "DATABASE_URL, or unset it to use the embedded server."
                 ) from exc
-        if seed_demo and fresh_embedded_db:
-            from seed_data import seed
-
-            summary = await seed(database_url, customers=200, seed=7, reset=False)
+        if seed_demo is not None and fresh_embedded_db:
+            summary = await seed_demo(database_url)
             logger.info(f"Seeded the embedded CRM with demo data: {summary}")
 
         pool = new_pool(database_url, timeout=settings.db_timeout_secs)

@@ -119,6 +119,23 @@ async def start_call(
     )
 
 
+async def record_voicemail(conn: AsyncConnection, *, call_sid: str, scenario: str) -> None:
+    """Record an outbound call that reached a voicemail (an answering machine or a fax).
+
+    Creates the ``calls`` row if needed and marks it ended with the ``voicemail`` outcome.
+
+    Args:
+        conn: Database connection.
+        call_sid: The call.
+        scenario: Call scenario.
+    """
+    await start_call(conn, call_sid=call_sid, direction="outbound", scenario=scenario)
+    await conn.execute(
+        "UPDATE calls SET outcome = 'voicemail', ended_at = now() WHERE call_sid = %(sid)s",
+        {"sid": call_sid},
+    )
+
+
 async def finish_call(
     conn: AsyncConnection,
     *,

@@ -18,6 +18,7 @@ from core.profile import ProfileError
 from core.resources import StartupError, open_resources
 from core.settings import get_settings
 from crm import ops as crm_ops
+from crm.migrate import apply_migrations
 from ops.auth import ADMIN_USER, hash_password
 
 USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")
@@ -35,7 +36,7 @@ def _read_password() -> str:
 
 async def _run(command: str, username: str, password: str | None) -> int:
     settings = get_settings()
-    async with open_resources(settings, seed_demo=False) as resources:
+    async with open_resources(settings, migrate=apply_migrations, seed_demo=None) as resources:
         async with resources.db.connection() as conn:
             if command == "add":
                 assert password is not None

@@ -27,6 +27,7 @@ from loguru import logger
 from psycopg.rows import dict_row
 from twilio.request_validator import RequestValidator
 
+from api.telephony import CallHooks
 from core.settings import Settings
 from runner import create_app, uvicorn_config
 from tests.conftest_db import delete_keys, new_name
@@ -159,6 +160,8 @@ class Agent:
     database_url: str
     app: Any
     http: httpx.AsyncClient
+    #: The app's call hooks: the calls in progress, per-call pipeline knobs.
+    call_hooks: CallHooks = field(default_factory=CallHooks)
     clients: list[TwilioMediaClient] = field(default_factory=list)
     #: Where the test reads the database (the agent's own URL may go through a proxy).
     observe_database_url: str | None = None
@@ -352,7 +355,8 @@ async def running_agent(
             PORT=port,
             **env,
         )
-        app = create_app(settings)
+        call_hooks = CallHooks(active={})
+        app = create_app(settings, call_hooks=call_hooks)
         server = uvicorn.Server(uvicorn_config(app, settings))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         task = asyncio.create_task(server.serve())
@@ -371,6 +375,7 @@ async def running_agent(
             twilio=twilio,
             database_url=database_url,
             app=app,
+            call_hooks=call_hooks,
             http=http,
             observe_database_url=observe_database_url,
         )

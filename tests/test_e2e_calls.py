@@ -513,7 +513,7 @@ async def test_twenty_calls_in_a_row_leave_nothing_behind(
             return {
                 "stt_open": agent.stt.open_connections,
                 "tts_open": agent.tts.open_connections,
-                "active_calls": len(agent.app.state.active_calls),
+                "active_calls": len(agent.call_hooks.active or {}),
                 "db_checked_out": stats.get("pool_size", 0) - stats.get("pool_available", 0),
                 "extra_tasks": len(new_tasks()),
             }
@@ -541,7 +541,7 @@ async def test_silent_caller_is_prompted_once_then_the_call_ends(
     async with running_agent(database_url=crm_db, redis_url=redis_server_url) as agent:
         from bot.pipeline import CallOptions
 
-        agent.app.state.call_options_factory = lambda: CallOptions(user_idle_timeout=1.0)
+        agent.call_hooks.options_factory = lambda: CallOptions(user_idle_timeout=1.0)
         client = await agent.inbound_call(MARIA)
         await client.wait_closed(timeout=20)
         texts = [t.strip() for t in agent.tts.texts]

@@ -114,6 +114,8 @@ def test_the_route_lists_match_the_app() -> None:
         "/twilio/amd",
         "/twilio/outbound",
         "/twilio/recording",
+        "/twilio/sms",
+        "/twilio/sms/status",
         "/twilio/status",
         "/twilio/transfer/status",
         "/twilio/transfer/whisper",

@@ -499,19 +499,17 @@ NOW = datetime(2026, 11, 30, 9, 0, tzinfo=TZ)
 
 
 async def tool_ctx(pool, redis_client, calendar: GoogleCalendar, key_prefix: str):
-    from tools.context import CallSession
+    from tools.context import CallSession, ToolContext
     from tools.customers import identify_caller
-    from tools.registry import ToolContext, run_tool
+    from tools.registry import run_tool
 
     session = CallSession(call_sid=f"CA{id(object()):x}", caller_phone=MARIA_PHONE)
     ctx = ToolContext(
         session=session,
         db=pool,
-        redis=redis_client,
         profile=PROFILE,
         calendar=calendar,
         now=lambda: NOW,
-        key_prefix=key_prefix,
     )
     assert await identify_caller(ctx)
     result = await run_tool(ctx, "verify_customer", {"date_of_birth": "1988-02-03"})

@@ -240,3 +240,39 @@ async def test_admin_routes_say_they_are_disabled_without_admin_token(
                     assert response.status_code == 503, (path, response.text)
                     detail = response.json()["detail"]
                     assert "admin routes are disabled" in detail and "ADMIN_TOKEN" in detail
+
+
+async def test_sms_webhooks_share_the_signed_form_check(
+    migrated_db: str, redis_server_url: str
+) -> None:
+    # One check for every Twilio webhook (api.deps.TwilioFormDep): the texts' routes answer
+    # as the calls' do, 503 naming what is missing, 415 / 413 for a body of the wrong type
+    # or size, 403 without a valid signature.
+    base = {"_env_file": None, "DATABASE_URL": migrated_db, "REDIS_URL": redis_server_url}
+    unsigned = Settings(**base)  # type: ignore[arg-type]
+    app: FastAPI = create_app(unsigned)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for path in ("/twilio/sms", "/twilio/sms/status"):
+                response = await client.post(path, data={"Body": "C"})
+                assert response.status_code == 503, (path, response.text)
+                assert "TWILIO_AUTH_TOKEN" in response.text and "PUBLIC_BASE_URL" in response.text
+    signed = Settings(
+        **base,  # type: ignore[arg-type]
+        TWILIO_AUTH_TOKEN="tok",
+        PUBLIC_BASE_URL="https://agent.example.com",
+    )
+    app = create_app(signed)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for path in ("/twilio/sms", "/twilio/sms/status"):
+                multipart = await client.post(path, files={"Body": ("b.txt", b"C")})
+                assert multipart.status_code == 415, (path, multipart.text)
+                huge = await client.post(path, data={"Body": "x" * 1_100_000})
+                assert huge.status_code == 413, (path, huge.text)
+                forged = await client.post(
+                    path, data={"Body": "C"}, headers={"X-Twilio-Signature": "forged"}
+                )
+                assert forged.status_code == 403 and forged.text == "invalid signature"

@@ -34,8 +34,8 @@ from messaging.replies import handle_inbound
 from messaging.sender import Sender, record_delivery_status
 from scheduling.calendar import PostgresCalendar
 from tests.fakes.twilio_rest import FakeTwilioREST
-from tools.context import CallSession
-from tools.registry import ToolContext, run_tool
+from tools.context import CallSession, ToolContext
+from tools.registry import run_tool
 
 ACCOUNT_SID = "AC" + "2" * 32
 AUTH_TOKEN = "sms-auth-token"
@@ -199,7 +199,6 @@ def tool_ctx(pool, redis_client, caller: str, *, now=NOW) -> ToolContext:
     return ToolContext(
         session=CallSession(call_sid=f"CA{next(_sids):032x}", caller_phone=caller),
         db=pool,
-        redis=redis_client,
         profile=PROFILE,
         calendar=PostgresCalendar(),
         now=lambda: now,

@@ -28,9 +28,9 @@ from core.profile import load_profile
 from core.settings import DEFAULT_PROFILE
 from scheduling.calendar import PostgresCalendar
 from seed_data import DEMO_CUSTOMERS, seed
-from tools.context import CallSession
+from tools.context import CallSession, ToolContext
 from tools.customers import identify_caller
-from tools.registry import TOOLS, ToolContext, run_tool
+from tools.registry import TOOLS, run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = load_profile(DEFAULT_PROFILE)
@@ -88,7 +88,6 @@ def make_ctx(pool, redis_client, caller: str | None, *, now: datetime = NOW) -> 
     return ToolContext(
         session=session,
         db=pool,
-        redis=redis_client,
         profile=PROFILE,
         calendar=PostgresCalendar(),
         now=lambda: now,

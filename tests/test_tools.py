@@ -16,8 +16,8 @@ from core.profile import TimeRange, load_profile
 from core.settings import DEFAULT_PROFILE
 from crm.vin import is_valid_vin, make_vin
 from scheduling.calendar import PostgresCalendar
-from tools.context import CallSession
-from tools.registry import ToolContext, run_tool
+from tools.context import CallSession, ToolContext
+from tools.registry import run_tool
 
 BASE_PROFILE = load_profile(DEFAULT_PROFILE)
 TZ = BASE_PROFILE.time_zone
@@ -80,11 +80,9 @@ def make_ctx(pool, redis_client, caller: str | None, *, now=NOW, profile=BASE_PR
     return ToolContext(
         session=session,
         db=pool,
-        redis=redis_client,
         profile=profile,
         calendar=PostgresCalendar(),
         now=lambda: now,
-        key_prefix=KEY_PREFIX,
     )
 
 

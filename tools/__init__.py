@@ -4,7 +4,8 @@ Importing this package registers every tool in :data:`tools.registry.TOOLS`.
 """
 
 from tools import appointments, customers, handoff, outbound, texting, vehicles
-from tools.registry import TOOLS, ToolContext, ToolRefusal, run_tool
+from tools.context import ToolContext
+from tools.registry import TOOLS, ToolRefusal, run_tool
 
 __all__ = [
     "TOOLS",

@@ -20,8 +20,9 @@ from loguru import logger
 from crm import appointments as crm_appointments
 from crm import vehicles as crm_vehicles
 from scheduling.availability import Slot, candidate_slots, pick_spread, speakable
+from tools.context import ToolContext
 from tools.customers import require_verified
-from tools.registry import ToolContext, ToolRefusal, tool
+from tools.registry import ToolRefusal, tool
 from tools.texting import queue_change_text
 from tools.vehicles import describe_vehicle
 

@@ -16,44 +16,9 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from core.resources import AppResources
-from scheduling.calendar import Calendar, PostgresCalendar
-from tools.context import CallSession
+from tools.context import CallSession, make_tool_context
 from tools.customers import identify_caller
-from tools.registry import ToolContext, run_tool
-
-
-def make_calendar(resources: AppResources) -> Calendar:
-    """The calendar backend the settings ask for (Google when configured)."""
-    if resources.settings.google_calendar_enabled:
-        from scheduling.google_calendar import GoogleCalendar
-
-        return GoogleCalendar.from_settings(resources.settings, resources.profile, resources.db)
-    return PostgresCalendar()
-
-
-def make_tool_context(
-    resources: AppResources, session: CallSession, *, now: datetime | None = None
-) -> ToolContext:
-    """Tool context for one call session.
-
-    Args:
-        resources: Process resources.
-        session: The call's session.
-        now: Fixed "now" for reproducible runs (tests, demos); real time when omitted.
-
-    Returns:
-        The context the tools run with.
-    """
-    return ToolContext(
-        session=session,
-        db=resources.db,
-        redis=resources.redis,
-        profile=resources.profile,
-        calendar=make_calendar(resources),
-        now=(lambda: now) if now else None,
-        key_prefix=resources.settings.redis_key_prefix,
-        pending=resources.pending,
-    )
+from tools.registry import run_tool
 
 
 async def run_console(

@@ -1,6 +1,7 @@
-"""The per-call session: who is calling, who they proved to be, what the call has offered.
+"""The per-call context: the session (who is calling, who they proved to be, what the call
+has offered) and the tool context (the session plus the process resources a tool may use).
 
-One object per call, created by the telephony layer (or the tool console) with the
+One session per call, created by the telephony layer (or the tool console) with the
 caller's number from the carrier, never from the model. Tools read and update it; the
 model never supplies a customer id.
 """
@@ -8,11 +9,18 @@ model never supplies a customer id.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
+from psycopg_pool import AsyncConnectionPool
+
+from core.pending import PendingWrites
+from core.profile import DealershipProfile
+from core.resources import AppResources
 from scheduling.availability import Slot
+from scheduling.calendar import Calendar, PostgresCalendar
 
 Direction = Literal["inbound", "outbound"]
 VerificationFactor = Literal["caller_id", "date_of_birth", "zip_code", "vin_last4"]
@@ -39,11 +47,14 @@ class CallSession:
         offered_slots: Slots offered in this call, by opaque slot id.
         appointment_ids: Appointments booked, moved or cancelled in this call.
         outcome: Call outcome for the ``calls`` row.
-        flow_node: Current conversation-flow node name.
+        flow_node: Current conversation-flow node name (in the call's Redis snapshot).
         transcript: Turns of the conversation, ``{"role": ..., "text": ...}``.
         late_results: Results of writes that finished after the caller interrupted them.
+        turn_metrics: Per-turn latency figures for the ``calls`` row.
         pending_action: What the telephony layer must do after the bot's next sentence.
+        started_at: When the call started.
         text_consent_asked: Whether the bot was told to ask "Can I text you?" on this call.
+        transfer_reason: Why the caller asked for an advisor (whisper, summary).
         language: Language the call is served in (``en``, ``es``).
         do_not_record: The matched customer asked not to be recorded.
     """
@@ -67,7 +78,6 @@ class CallSession:
     turn_metrics: list[dict] = field(default_factory=list)
     pending_action: Literal["transfer", "end"] | None = None
     transfer_reason: str | None = None
-    end_reason: str | None = None
     language: str = "en"
     do_not_record: bool = False
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -99,3 +109,56 @@ class CallSession:
         self.caller_id_matched = caller_id and self.caller_id_trusted
         if self.caller_id_matched:
             self.factors.add("caller_id")
+
+
+@dataclass
+class ToolContext:
+    """What a tool may use: the call's session and the process resources.
+
+    Attributes:
+        session: The call's session.
+        db: The process's connection pool.
+        profile: The dealership's profile.
+        calendar: The calendar backend (``None``: no calendar, e.g. in some tests).
+        now: Fixed clock for reproducible runs; real time when ``None``.
+        pending: Writes that wait out a database outage (``None``: none are queued).
+    """
+
+    session: CallSession
+    db: AsyncConnectionPool
+    profile: DealershipProfile
+    calendar: Calendar | None = None
+    now: Callable[[], datetime] | None = None
+    pending: PendingWrites | None = None
+
+
+def make_calendar(resources: AppResources) -> Calendar:
+    """The calendar backend the settings ask for (Google when configured)."""
+    if resources.settings.google_calendar_enabled:
+        from scheduling.google_calendar import GoogleCalendar
+
+        return GoogleCalendar.from_settings(resources.settings, resources.profile, resources.db)
+    return PostgresCalendar()
+
+
+def make_tool_context(
+    resources: AppResources, session: CallSession, *, now: datetime | None = None
+) -> ToolContext:
+    """Tool context for one call session.
+
+    Args:
+        resources: Process resources.
+        session: The call's session.
+        now: Fixed "now" for reproducible runs (tests, demos); real time when omitted.
+
+    Returns:
+        The context the tools run with.
+    """
+    return ToolContext(
+        session=session,
+        db=resources.db,
+        profile=resources.profile,
+        calendar=make_calendar(resources),
+        now=(lambda: now) if now else None,
+        pending=resources.pending,
+    )

@@ -25,7 +25,8 @@ from loguru import logger
 
 from core.pii import mask_phone
 from crm import customers as crm_customers
-from tools.registry import ToolContext, ToolRefusal, tool
+from tools.context import ToolContext
+from tools.registry import ToolRefusal, tool
 
 #: Comparisons allowed per customer per :data:`ATTEMPT_WINDOW` (the CHECK constraint
 #: ``customers_verification_attempts_max`` holds the same bound).

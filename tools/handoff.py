@@ -13,8 +13,9 @@ from typing import Any
 
 from core.profile import DealershipProfile
 from crm import calls as crm_calls
+from tools.context import ToolContext
 from tools.customers import normalize_phone
-from tools.registry import ToolContext, tool
+from tools.registry import tool
 
 
 def is_open(profile: DealershipProfile, moment: datetime) -> bool:
@@ -57,7 +58,7 @@ async def transfer_to_advisor(
     reason = str(reason)[:500]
     if is_open(ctx.profile, now):
         session.pending_action = "transfer"
-        session.transfer_reason = reason[:200]
+        session.transfer_reason = reason[:200]  # the advisor's whisper and the call summary
         session.outcome = "transferred"
         return {
             "ok": True,
@@ -139,7 +140,6 @@ async def end_call(ctx: ToolContext, *, reason: str | None = None) -> dict[str, 
     session.pending_action = "end"
     if session.outcome is None:
         session.outcome = "info"
-    session.end_reason = (reason or "caller finished")[:200]
     return {
         "ok": True,
         "ending": True,

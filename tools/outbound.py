@@ -9,8 +9,9 @@ from loguru import logger
 from crm import appointments as crm_appointments
 from crm import customers as crm_customers
 from scheduling.availability import speakable
+from tools.context import ToolContext
 from tools.customers import require_verified
-from tools.registry import ToolContext, ToolRefusal, tool
+from tools.registry import ToolRefusal, tool
 
 
 @tool(

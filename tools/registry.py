@@ -26,17 +26,14 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 
-from core.profile import DealershipProfile
-from core.settings import DEFAULT_REDIS_KEY_PREFIX
-from tools.context import CallSession
+from tools.context import ToolContext
 
 ToolFn = Callable[..., Awaitable[dict[str, Any]]]
 
@@ -53,21 +50,6 @@ class ToolRefusal(Exception):
     def result(self) -> dict[str, Any]:
         """The JSON result the model sees."""
         return {"ok": False, "error": self.code, "say": self.say, **self.extra}
-
-
-@dataclass
-class ToolContext:
-    """What a tool may use: the call's session and the process resources."""
-
-    session: CallSession
-    db: Any  # psycopg_pool.AsyncConnectionPool
-    redis: Any  # redis.asyncio.Redis
-    profile: DealershipProfile
-    calendar: Any = None  # scheduling.calendar.Calendar
-    now: Callable[[], Any] | None = None
-    durations: list[tuple[str, float, bool]] = field(default_factory=list)
-    key_prefix: str = DEFAULT_REDIS_KEY_PREFIX  # REDIS_KEY_PREFIX: namespace of Redis keys
-    pending: Any = None  # core.pending.PendingWrites: writes that wait out a DB outage
 
 
 @dataclass(frozen=True)
@@ -294,8 +276,6 @@ async def run_tool(ctx: ToolContext, name: str, arguments: Any) -> dict:
     tool_ = TOOLS.get(name) if isinstance(name, str) else None
     if tool_ is None:
         return {"ok": False, "error": "unknown_tool", "say": "I can't do that."}
-    started = time.perf_counter()
-    ok = True
     try:
         kwargs = validate_arguments(tool_, arguments)
         if tool_.mutating:
@@ -312,11 +292,8 @@ async def run_tool(ctx: ToolContext, name: str, arguments: Any) -> dict:
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        ok = False
         logger.opt(exception=exc).error(f"tool {name} failed: {type(exc).__name__}")
         return {"ok": False, "error": "internal", "say": GENERIC_APOLOGY}
-    finally:
-        ctx.durations.append((name, time.perf_counter() - started, ok))
 
 
 async def _finish_in_background(task: asyncio.Future) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from typing import Any, Literal
 from psycopg import AsyncConnection
 
 from crm import messages as crm_messages
+from tools.context import ToolContext
 from tools.customers import require_verified
-from tools.registry import ToolContext, tool
+from tools.registry import tool
 
 #: How long a confirmation text waits for the caller's consent answer (the call usually
 #: ends sooner; the text is dropped when it does without a yes).

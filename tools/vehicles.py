@@ -10,8 +10,9 @@ from datetime import date
 from typing import Any
 
 from crm import vehicles as crm_vehicles
+from tools.context import ToolContext
 from tools.customers import require_verified
-from tools.registry import ToolContext, ToolRefusal, tool
+from tools.registry import ToolRefusal, tool
 
 
 def describe_vehicle(vehicle: crm_vehicles.VehicleSummary) -> str:
