@@ -182,7 +182,7 @@ async def _calendar_catch_up(resources: AppResources) -> None:
 
 
 async def _serve_async(settings: Settings, *, workers: int) -> int:
-    from core.supervisor import Supervisor, metrics_dir, reserve_port
+    from core.supervisor import Supervisor, metrics_dir
 
     # Resources first, once, in the parent: embedded servers started, migrations applied,
     # the demo seeded; an unreachable dependency is one clear message. The workers get
@@ -191,7 +191,7 @@ async def _serve_async(settings: Settings, *, workers: int) -> int:
     async with open_resources(settings) as resources:
         os.environ["DATABASE_URL"] = resources.database_url
         os.environ["REDIS_URL"] = resources.redis_url
-        sock, listen = reserve_port(settings.host, settings.port)
+        sock = _bind(settings)
         logger.info(
             f"Serving {resources.profile.name} on http://{settings.host}:{settings.port} "
             f"with {workers} worker process(es)"
@@ -201,7 +201,7 @@ async def _serve_async(settings: Settings, *, workers: int) -> int:
                 return await Supervisor(
                     count=workers,
                     target=_worker_process,
-                    listen=listen,
+                    sock=sock,
                     stop_timeout=settings.drain_grace_secs + settings.drain_timeout_secs + 90,
                     metrics_path=path,
                 ).run()
@@ -209,11 +209,16 @@ async def _serve_async(settings: Settings, *, workers: int) -> int:
             sock.close()
 
 
-def _worker_process(listen: Any, ready: Any, index: int) -> None:
-    """One worker process of ``serve``: the app on its listening socket until drained."""
-    from core.supervisor import listen_socket
+def _bind(settings: Settings) -> Any:
+    """The listening socket the workers share (uvicorn's own binding: reuse-address,
+    inheritable)."""
+    import uvicorn
 
-    sock = listen_socket(listen)
+    return uvicorn.Config(app=None, host=settings.host, port=settings.port).bind_socket()
+
+
+def _worker_process(sock: Any, ready: Any, index: int) -> None:
+    """One worker process of ``serve``: the app on the shared socket until drained."""
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)

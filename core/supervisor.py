@@ -1,11 +1,9 @@
 """Worker processes behind one port: the parent side of ``runner.py serve --workers N``.
 
-The parent reserves the port and starts ``N`` worker processes (``spawn``, so each one
-imports the app afresh: its own event loop, database pool, Redis client and turn
-models). On Linux each worker listens on its own ``SO_REUSEPORT`` socket and the kernel
-spreads new connections evenly over them (a shared socket gives most of a few
-long-lived calls to whichever worker wakes first); elsewhere they share the parent's
-listening socket. The parent:
+The parent binds the listening socket once and starts ``N`` worker processes (``spawn``,
+so each one imports the app afresh: its own event loop, database pool, Redis client and
+turn models). The kernel hands each new connection to whichever worker accepts it first.
+The parent:
 
 * forwards SIGTERM (and SIGINT) to the workers as SIGTERM: each one drains (see
   ``api/drain.py``) and exits; a second SIGINT makes them stop at once;
@@ -27,7 +25,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -37,62 +34,9 @@ from typing import Any
 
 from loguru import logger
 
-#: A worker process's entry point: ``target(listen, ready_event, index)`` where ``listen``
-#: is what :func:`listen_socket` takes; module level, so it can be pickled for ``spawn``.
-WorkerTarget = Callable[[Any, Any, int], None]
-
-#: Whether workers can have a socket each on one port, balanced by the kernel.
-REUSEPORT = hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def reserve_port(host: str, port: int, *, backlog: int = 2048) -> tuple[socket.socket, Any]:
-    """Bind the server's address once in the parent.
-
-    Returns:
-        ``(socket, listen)``: the parent's socket (close it after the workers are gone) and
-        what each worker passes to :func:`listen_socket`. With ``SO_REUSEPORT`` the
-        parent's socket is bound but never listens (it holds the port; only listening
-        sockets get connections) and ``listen`` is ``(host, port, backlog)`` with the
-        actual port (``PORT=0`` picks one); otherwise it listens and is shared.
-
-    Raises:
-        OSError: The address is in use or cannot be bound.
-    """
-    sock = socket.socket(_family(host), socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if REUSEPORT:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    if REUSEPORT:
-        return sock, (host, sock.getsockname()[1], backlog)
-    sock.listen(backlog)
-    sock.set_inheritable(True)
-    return sock, sock
-
-
-def listen_socket(listen: Any) -> socket.socket:
-    """A worker's socket: its own ``SO_REUSEPORT`` one (bound; asyncio listens on it when
-    uvicorn starts serving), or the shared listening one."""
-    if isinstance(listen, socket.socket):
-        return listen
-    host, port, _backlog = listen
-    sock = socket.socket(_family(host), socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    # Not listening yet: the server starts listening once the app has started (turn
-    # models loaded), so no connection waits in the backlog of a worker still starting.
-    sock.setblocking(False)
-    return sock
-
+#: A worker process's entry point: ``target(sock, ready_event, index)``; module level, so
+#: it can be pickled for ``spawn``.
+WorkerTarget = Callable[[socket.socket, Any, int], None]
 
 #: Seconds between restarts of a worker that keeps dying.
 RESTART_DELAY_SECS = 1.0
@@ -162,12 +106,12 @@ class _Worker:
 
 
 class Supervisor:
-    """Runs ``count`` worker processes on one port until told to stop.
+    """Runs ``count`` worker processes on one listening socket until told to stop.
 
     Args:
         count: Number of worker processes.
         target: Entry point of a worker (see :data:`WorkerTarget`).
-        listen: What each worker passes to :func:`listen_socket` (see :func:`reserve_port`).
+        sock: The bound, listening socket the workers share.
         stop_timeout: Seconds the workers get to drain and exit after SIGTERM before
             they are killed.
         metrics_path: prometheus-client multiprocess directory (dead workers' live
@@ -179,13 +123,13 @@ class Supervisor:
         *,
         count: int,
         target: WorkerTarget,
-        listen: Any,
+        sock: socket.socket,
         stop_timeout: float,
         metrics_path: str | None = None,
     ) -> None:
         self.count = count
         self.target = target
-        self.listen = listen
+        self.sock = sock
         self.stop_timeout = stop_timeout
         self.metrics_path = metrics_path
         self._ctx = multiprocessing.get_context("spawn")
@@ -198,7 +142,7 @@ class Supervisor:
         ready = self._ctx.Event()
         process = self._ctx.Process(
             target=self.target,
-            args=(self.listen, ready, index),
+            args=(self.sock, ready, index),
             name=f"voice-agent-worker-{index}",
         )
         process.start()
