@@ -337,6 +337,7 @@ async def profile_worker(server: ServerUnderTest, seconds: int, out: Path) -> No
     proc = await asyncio.create_subprocess_exec(
         str(spy),
         "record",
+        "--nonblocking",  # never pause the worker (it would distort the level it samples)
         "--pid",
         str(busiest.pid),
         "--duration",
