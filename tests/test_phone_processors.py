@@ -130,7 +130,7 @@ async def test_fixed_sentences_are_spoken_in_the_calls_language() -> None:
 
 
 def test_the_catalog_matches_the_sentences_the_code_speaks() -> None:
-    from bot import failures, pipeline
+    from bot import call, failures
     from processors import dead_air
     from tools import handoff, outbound
 
@@ -143,8 +143,8 @@ def test_the_catalog_matches_the_sentences_the_code_speaks() -> None:
         failures.OUTBOUND_CALL_AGAIN,
         failures.TRANSFER_FAILED_CALLBACK,
         failures.TRANSFER_FAILED_CALL_BACK,
-        pipeline.IDLE_PROMPT,
-        pipeline.IDLE_GOODBYE,
+        call.IDLE_PROMPT,
+        call.IDLE_GOODBYE,
     } <= english
     assert dead_air.HOLD_PHRASE in english
     import inspect
