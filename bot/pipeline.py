@@ -36,6 +36,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from bot.features import CallFeatures, stt_language, tts_voice  # [phone-features hook]
 from bot.flows import CallFlow
 from bot.turn_models import new_turn_analyzer, new_vad_analyzer
+from bot.turn_stop import ExpectedAnswerUserTurnStopStrategy
 from core.resources import AppResources
 from processors.barge_in import BargeInUserTurnStartStrategy
 from processors.dead_air import DeadAirGuard
@@ -371,14 +372,19 @@ def _aggregators(resources: AppResources, options: CallOptions) -> LLMContextAgg
         max_backchannel_words=settings.barge_in_max_backchannel_words,
         protect_first_utterance=settings.barge_in_protect_disclosure,
     )
+    context = LLMContext()
+    stop = (
+        ExpectedAnswerUserTurnStopStrategy.for_context(
+            turn_analyzer=new_turn_analyzer(), context=context
+        )
+        if settings.turn_stop_on_answer
+        else TurnAnalyzerUserTurnStopStrategy(turn_analyzer=new_turn_analyzer())
+    )
     return LLMContextAggregatorPair(
-        LLMContext(),
+        context,
         user_params=LLMUserAggregatorParams(
             vad_analyzer=new_vad_analyzer(),
-            user_turn_strategies=UserTurnStrategies(
-                start=[barge_in],
-                stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=new_turn_analyzer())],
-            ),
+            user_turn_strategies=UserTurnStrategies(start=[barge_in], stop=[stop]),
             user_mute_strategies=[FunctionCallUserMuteStrategy()],
             user_idle_timeout=options.user_idle_timeout,
         ),

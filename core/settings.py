@@ -78,6 +78,7 @@ class Settings(BaseSettings):
         default=3, alias="BARGE_IN_MAX_BACKCHANNEL_WORDS", ge=1
     )
     barge_in_protect_disclosure: bool = Field(default=True, alias="BARGE_IN_PROTECT_DISCLOSURE")
+    turn_stop_on_answer: bool = Field(default=True, alias="TURN_STOP_ON_ANSWER")
     snapshot_ttl_secs: int = Field(default=86400, alias="SNAPSHOT_TTL_SECS", ge=60)
     snapshot_transcript_turns: int = Field(default=6, alias="SNAPSHOT_TRANSCRIPT_TURNS", ge=0)
 

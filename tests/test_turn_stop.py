@@ -1,0 +1,230 @@
+"""Spoken answers end the turn at once when the bot asked for them; partial ones wait.
+
+Unit tests of :class:`bot.turn_stop.ExpectedAnswerUserTurnStopStrategy` inside Pipecat's
+user aggregator, with Pipecat's ``run_test``; the turn analyzer is one that never judges
+a turn complete (the way smart-turn judges many spoken dates), so a turn that ends here
+ended on the caller's words. Plus the parser (:mod:`bot.expected_answers`), with
+hypothesis over classes of input.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer, BaseTurnParams, EndOfTurnState
+from pipecat.frames.frames import (
+    Frame,
+    LLMContextFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMUserAggregator,
+    LLMUserAggregatorParams,
+)
+from pipecat.tests.utils import SleepFrame, run_test
+from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+from bot.expected_answers import AnswerKind, expected_answers, is_complete_answer, words_to_digits
+from bot.turn_stop import ExpectedAnswerUserTurnStopStrategy, last_bot_utterance
+
+DOB = frozenset({AnswerKind.DATE_OF_BIRTH})
+ASK_DOB = "Thanks. To verify, could you tell me your date of birth?"
+
+
+class UnsureTurnAnalyzer(BaseTurnAnalyzer):
+    """A turn analyzer that never judges a turn complete (smart-turn on a spoken date)."""
+
+    def __init__(self) -> None:
+        super().__init__(sample_rate=8000)
+        self.cleared = 0
+
+    @property
+    def speech_triggered(self) -> bool:
+        return False
+
+    @property
+    def params(self) -> BaseTurnParams:
+        return BaseTurnParams()
+
+    def append_audio(self, buffer: bytes, is_speech: bool) -> EndOfTurnState:
+        return EndOfTurnState.INCOMPLETE
+
+    async def analyze_end_of_turn(self) -> tuple[EndOfTurnState, None]:
+        return EndOfTurnState.INCOMPLETE, None
+
+    def clear(self) -> None:
+        self.cleared += 1
+
+
+class Turn:
+    """The aggregator under test, its strategy, and when the caller's turn ended."""
+
+    def __init__(self, bot_said: str | None) -> None:
+        context = LLMContext()
+        if bot_said is not None:
+            context.add_message({"role": "assistant", "content": bot_said})
+        self.strategy = ExpectedAnswerUserTurnStopStrategy.for_context(
+            turn_analyzer=UnsureTurnAnalyzer(), context=context
+        )
+        self.aggregator = LLMUserAggregator(
+            context,
+            params=LLMUserAggregatorParams(
+                user_turn_strategies=UserTurnStrategies(stop=[self.strategy]),
+                user_turn_stop_timeout=5.0,
+            ),
+        )
+        self.silent_at: float | None = None
+        self.stopped_at: float | None = None
+
+        @self.aggregator.event_handler("on_user_turn_stopped")
+        async def stopped(*args: object) -> None:
+            self.stopped_at = self.stopped_at or time.monotonic()
+
+    async def run(self, *texts: str, still_speaking: bool = False) -> list[Frame]:
+        """The caller says ``texts`` (then goes silent unless ``still_speaking``); 0.3 s pass."""
+        turn = self
+        frames: list[Frame] = [VADUserStartedSpeakingFrame(start_secs=0.2, timestamp=time.time())]
+        frames += [
+            TranscriptionFrame(text=t, user_id="caller", timestamp="now", finalized=True)
+            for t in texts
+        ]
+        if not still_speaking:
+            frames.append(_Silent(turn))
+        frames.append(SleepFrame(sleep=0.3))
+        down, _ = await run_test(self.aggregator, frames_to_send=frames)
+        return list(down)
+
+    @property
+    def ended_on_the_words(self) -> bool:
+        """The turn ended within 0.2 s of the caller going silent (not at the pipeline end)."""
+        if self.stopped_at is None or self.silent_at is None:
+            return False
+        return self.stopped_at - self.silent_at < 0.2
+
+
+class _Silent(VADUserStoppedSpeakingFrame):
+    """The VAD's stop, noting when it was sent."""
+
+    def __init__(self, turn: Turn) -> None:
+        super().__init__(stop_secs=0.2, timestamp=time.time())
+        turn.silent_at = time.monotonic()
+
+
+async def test_complete_date_of_birth_ends_the_turn_at_once() -> None:
+    turn = Turn(ASK_DOB)
+    down = await turn.run("April 12, 1985.")
+    assert turn.ended_on_the_words
+    assert turn.strategy.early_stops == 1
+    context = next(f for f in down if isinstance(f, LLMContextFrame)).context
+    assert context.get_messages()[-1] == {"role": "user", "content": "April 12, 1985."}
+
+
+async def test_date_read_in_two_groups_ends_the_turn_when_the_year_arrives() -> None:
+    turn = Turn(ASK_DOB)
+    await turn.run("April twelfth", "nineteen eighty five")
+    assert turn.ended_on_the_words
+    assert turn.strategy.early_stops == 1
+
+
+async def test_partial_date_keeps_waiting() -> None:
+    turn = Turn(ASK_DOB)
+    await turn.run("April twelfth")
+    assert not turn.ended_on_the_words
+    assert turn.strategy.early_stops == 0
+
+
+async def test_same_words_without_the_question_keep_smart_turns_verdict() -> None:
+    turn = Turn("Thanks for calling. How can I help you today?")
+    await turn.run("April 12, 1985.")
+    assert not turn.ended_on_the_words
+    assert turn.strategy.early_stops == 0
+
+
+async def test_no_early_stop_while_the_caller_is_still_speaking() -> None:
+    turn = Turn(ASK_DOB)
+    await turn.run("April 12, 1985", still_speaking=True)
+    assert not turn.ended_on_the_words
+    assert turn.strategy.early_stops == 0
+
+
+@pytest.mark.parametrize(
+    ("bot_said", "caller_said"),
+    [
+        ("And what is the ZIP code on your account?", "six oh six one four"),
+        ("Could you read me the last four of your VIN?", "one two three four"),
+        ("I have Tuesday at 9 or Wednesday at 10:30. Which one works for you?", "Tuesday"),
+        ("Shall I book that for you?", "yes please"),
+        ("¿Me puede dar su fecha de nacimiento?", "12 de abril de 1985"),
+    ],
+)
+async def test_other_expected_answers_end_the_turn(bot_said: str, caller_said: str) -> None:
+    turn = Turn(bot_said)
+    await turn.run(caller_said)
+    assert turn.ended_on_the_words
+    assert turn.strategy.early_stops == 1
+
+
+def test_last_bot_utterance_skips_tool_call_messages() -> None:
+    context = LLMContext()
+    context.add_message({"role": "assistant", "content": ASK_DOB})
+    context.add_message({"role": "user", "content": "hold on"})
+    context.add_message({"role": "assistant", "tool_calls": [], "content": None})
+    assert last_bot_utterance(context) == ASK_DOB
+    assert last_bot_utterance(LLMContext()) == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "complete"),
+    [
+        ("April twelfth nineteen eighty five", True),
+        ("my birthday is the twelfth of April, nineteen eighty-five", True),
+        ("4/12/1985", True),
+        ("April 12", False),
+        ("April twelfth nineteen", False),
+        ("nineteen eighty five", False),
+        ("um", False),
+    ],
+)
+def test_date_of_birth_parses(text: str, complete: bool) -> None:
+    assert is_complete_answer(text, DOB) is complete
+
+
+def test_partial_date_is_not_taken_for_a_vin_or_zip() -> None:
+    any_factor = expected_answers("Your date of birth, ZIP code, or the last four of your VIN?")
+    assert any_factor == {AnswerKind.DATE_OF_BIRTH, AnswerKind.ZIP_CODE, AnswerKind.VIN_LAST4}
+    assert not is_complete_answer("April twelfth nineteen", any_factor)
+    assert not is_complete_answer("six oh six", any_factor)
+    assert is_complete_answer("six oh six one four", any_factor)
+
+
+def test_greeting_asks_for_nothing() -> None:
+    assert expected_answers("Thanks for calling Sunrise Motors. How can I help you today?") == set()
+    assert expected_answers("") == set()
+
+
+_MONTH = st.sampled_from(["January", "March", "June", "October", "December"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(month=_MONTH, day=st.integers(1, 28), year=st.integers(1930, 2008))
+def test_any_spelled_out_date_is_complete_and_its_prefix_is_not(
+    month: str, day: int, year: int
+) -> None:
+    assert is_complete_answer(f"{month} {day}, {year}", DOB)
+    assert not is_complete_answer(f"{month} {day}", DOB)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=400))
+def test_parser_takes_any_text(text: str) -> None:
+    words_to_digits(text)
+    kinds = expected_answers(text)
+    for kind in AnswerKind:
+        assert is_complete_answer(text, frozenset({kind})) in (True, False)
+    assert kinds <= set(AnswerKind)
