@@ -39,6 +39,7 @@ from bot.pipeline import CallOptions
 from campaigns.dialer import record_call_outcome, record_call_status
 from core.pii import mask_phone
 from core.resources import AppResources
+from core.settings import Settings
 from crm import calls as crm_calls
 from crm import phone as crm_phone  # [phone-features hook]
 from telephony import twilio as tw
@@ -435,15 +436,9 @@ async def twilio_media(websocket: WebSocket, resources: ResourcesDep, hooks: Cal
                 )
 
 
-async def _hang_up_after_crash(settings, call_sid: str) -> None:
+async def _hang_up_after_crash(settings: Settings, call_sid: str) -> None:
     try:
-        client = tw.twilio_client(settings)
-        await asyncio.to_thread(
-            lambda: (
-                client.api.v2010.accounts(settings.twilio_account_sid)
-                .calls(call_sid)
-                .update(status="completed")
-            )
-        )
+        account = tw.twilio_account(settings)
+        await asyncio.to_thread(lambda: account.calls(call_sid).update(status="completed"))
     except Exception as exc:
         logger.error(f"could not hang up call {call_sid} after a crash: {type(exc).__name__}")

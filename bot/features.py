@@ -70,7 +70,8 @@ def tts_voice(settings: Settings, language: str) -> str:
 
 def stt_language(languages: tuple[str, ...]) -> str:
     """Deepgram's ``language``: ``multi`` (code-switching) when several are offered."""
-    return "multi" if len(languages) > 1 else languages[0]
+    default, *others = languages
+    return "multi" if others else default
 
 
 def keyed_factor(digits: str) -> tuple[str, dict[str, str]] | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from loguru import logger
 from pipecat.flows import (
+    ActionConfig,
     FlowArgs,
     FlowManager,
     FlowsDirectFunction,
@@ -154,18 +155,18 @@ class CallFlow:
                 "for TWO of them. General questions (hours, services, prices) need no "
                 "verification."
             )
-            functions = [self.function(n) for n in (*IDENTIFY_TOOLS, "check_availability")]
+            names = (*IDENTIFY_TOOLS, "check_availability")
         else:
             task = (
                 "You have just introduced yourself. Make sure you are speaking with the "
                 "customer, then verify them with verify_customer before mentioning any "
                 "vehicle or appointment."
             )
-            functions = [self.function(n) for n in (*IDENTIFY_TOOLS, "opt_out")]
+            names = (*IDENTIFY_TOOLS, "opt_out")
         return {
             "name": "identify",
             "task_messages": [{"role": "developer", "content": task}],
-            "functions": functions,
+            "functions": [self.function(n) for n in names],
             "pre_actions": [{"type": "tts_say", "text": self.greeting}],
             "respond_immediately": False,
         }
@@ -252,7 +253,7 @@ class CallFlow:
 
     def end_node(self, *, goodbye: str | None = None) -> NodeConfig:
         """Hang up once everything queued (and ``goodbye``, if given) has been spoken."""
-        action: dict[str, Any] = {"type": "end_conversation"}
+        action: ActionConfig = {"type": "end_conversation"}
         if goodbye:
             action["text"] = goodbye
         return {

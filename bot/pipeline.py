@@ -342,7 +342,10 @@ def build_call_pipeline(
     )
     manager = FlowManager(
         worker=worker,
-        llm=llm,
+        # Pipecat 1.14 annotates ``llm: LLMService | LLMSwitcher``; with TAdapter's default
+        # that is the invariant LLMService[BaseLLMAdapter], which no concrete service
+        # (OpenAILLMService included) matches; Pipecat itself uses LLMService[Any] elsewhere.
+        llm=llm,  # pyright: ignore[reportArgumentType]
         context_aggregator=aggregators,
         global_functions=flow.global_functions(),
     )

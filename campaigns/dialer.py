@@ -54,18 +54,43 @@ CALL_OUTCOMES = {
 class DialFn(Protocol):
     """Places one outbound call and returns its CallSid.
 
-    See ``telephony.twilio.place_outbound_call``.
+    See ``telephony.twilio.place_outbound_call``. ``settings`` is what the dialer was
+    given: ``None`` only suits a dial function that needs none (a test's fake).
     """
 
     def __call__(
         self,
-        settings: Settings,
+        settings: Settings | None,
         *,
         to: str,
         scenario: str,
         customer_id: int | None,
         campaign_attempt_id: int | None = None,
     ) -> Awaitable[str]: ...
+
+
+async def _dial_with_twilio(
+    settings: Settings | None,
+    *,
+    to: str,
+    scenario: str,
+    customer_id: int | None,
+    campaign_attempt_id: int | None = None,
+) -> str:
+    """The default :class:`DialFn`: ``telephony.twilio.place_outbound_call``.
+
+    Raises:
+        ValueError: No settings were given (Twilio needs its credentials).
+    """
+    if settings is None:
+        raise ValueError("placing a Twilio call needs settings")
+    return await place_outbound_call(
+        settings,
+        to=to,
+        scenario=scenario,
+        customer_id=customer_id,
+        campaign_attempt_id=campaign_attempt_id,
+    )
 
 
 def call_rules(profile: DealershipProfile) -> crm.CallRules:
@@ -179,7 +204,7 @@ class Dialer:
         self.db = db
         self.profile = profile
         self.settings = settings
-        self.dial = dial or place_outbound_call
+        self.dial: DialFn = dial or _dial_with_twilio
         self.rules = call_rules(profile)
         self.cfg: CampaignSettings = profile.campaigns
         self.max_concurrent = max_concurrent or self.cfg.max_concurrent

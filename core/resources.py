@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx
+import httpx2
 import redis.asyncio as aioredis
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
@@ -58,8 +58,9 @@ class SharedClients:
                 # The LLM service retries itself, within LLM_TIMEOUT_SECS: the SDK's own
                 # retries would sleep through a 429's Retry-After while the caller waits.
                 max_retries=0,
+                # The SDK's client is httpx2's, so are its limits.
                 http_client=DefaultAsyncHttpxClient(
-                    limits=httpx.Limits(
+                    limits=httpx2.Limits(
                         max_keepalive_connections=50, max_connections=500, keepalive_expiry=60
                     )
                 ),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
+from typing import Any, LiteralString
 
 from psycopg import AsyncConnection
 from psycopg.rows import class_row, dict_row
@@ -90,9 +90,9 @@ def _like_prefix(text: str) -> str:
     return escaped + "%"
 
 
-def _history_where(flt: HistoryFilter) -> tuple[list[str], dict[str, Any]]:
+def _history_where(flt: HistoryFilter) -> tuple[list[LiteralString], dict[str, Any]]:
     """WHERE fragments (fixed text) and their parameters for ``flt``."""
-    where: list[str] = []
+    where: list[LiteralString] = []
     params: dict[str, Any] = {}
     if flt.started_from is not None:
         where.append("c.started_at >= %(started_from)s")

@@ -137,7 +137,12 @@ def build_client(
     Returns:
         The client; not thread-safe (one per thread, see :class:`ClientPool`).
     """
-    client = GcsaCalendar(calendar_id, credentials=credentials)
+    # gcsa's GoogleCalendar annotates ``credentials`` as google.oauth2 user Credentials but
+    # hands them to its AuthenticatedService, typed (and working) with any google.auth ones.
+    client = GcsaCalendar(
+        calendar_id,
+        credentials=credentials,  # pyright: ignore[reportArgumentType]
+    )
     http = google_auth_httplib2.AuthorizedHttp(credentials, http=httplib2.Http(timeout=timeout))
     client.service = discovery.build(
         "calendar",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import httpx
 
 from core.settings import Settings
-from telephony.twilio import twilio_client
+from telephony.twilio import twilio_account
 
 TWILIO_API_URL = "https://api.twilio.com"
 _RECORDING_SID_RE = re.compile(r"RE[0-9a-fA-F]{32}")
@@ -37,26 +37,14 @@ async def redirect_call(settings: Settings, call_sid: str, twiml: str) -> None:
         call_sid: The live call.
         twiml: The new TwiML document.
     """
-    client = twilio_client(settings)
-    await asyncio.to_thread(
-        lambda: (
-            client.api.v2010.accounts(settings.twilio_account_sid)
-            .calls(call_sid)
-            .update(twiml=twiml)
-        )
-    )
+    account = twilio_account(settings)
+    await asyncio.to_thread(lambda: account.calls(call_sid).update(twiml=twiml))
 
 
 async def hang_up_call(settings: Settings, call_sid: str) -> None:
     """End a live call (``Status=completed``)."""
-    client = twilio_client(settings)
-    await asyncio.to_thread(
-        lambda: (
-            client.api.v2010.accounts(settings.twilio_account_sid)
-            .calls(call_sid)
-            .update(status="completed")
-        )
-    )
+    account = twilio_account(settings)
+    await asyncio.to_thread(lambda: account.calls(call_sid).update(status="completed"))
 
 
 @dataclass(frozen=True)
@@ -91,17 +79,13 @@ async def start_recording(
     Returns:
         The started recording.
     """
-    client = twilio_client(settings)
+    account = twilio_account(settings)
     recording = await asyncio.to_thread(
-        lambda: (
-            client.api.v2010.accounts(settings.twilio_account_sid)
-            .calls(call_sid)
-            .recordings.create(
-                recording_channels="dual",
-                recording_status_callback=status_callback,
-                recording_status_callback_method="POST",
-                recording_status_callback_event=["in-progress", "completed", "absent"],
-            )
+        lambda: account.calls(call_sid).recordings.create(
+            recording_channels="dual",
+            recording_status_callback=status_callback,
+            recording_status_callback_method="POST",
+            recording_status_callback_event=["in-progress", "completed", "absent"],
         )
     )
     return StartedRecording(
@@ -117,14 +101,12 @@ async def update_recording(
     ``POST /2010-04-01/Accounts/{AC}/Calls/{CA}/Recordings/{RE}.json`` with ``Status``
     (a pause leaves silence in the file, Twilio's default ``PauseBehavior``).
     """
-    client = twilio_client(settings)
+    account = twilio_account(settings)
+    # twilio annotates ``status`` as RecordingInstance.Status, a namespace class of str
+    # constants rather than an Enum: no value, not even Status.PAUSED, has that type.
+    recording = account.calls(call_sid).recordings(recording_sid)
     await asyncio.to_thread(
-        lambda: (
-            client.api.v2010.accounts(settings.twilio_account_sid)
-            .calls(call_sid)
-            .recordings(recording_sid)
-            .update(status=status)
-        )
+        lambda: recording.update(status=status)  # pyright: ignore[reportArgumentType]
     )
 
 

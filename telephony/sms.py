@@ -14,7 +14,7 @@ import requests
 from twilio.base.exceptions import TwilioRestException
 
 from core.settings import Settings
-from telephony.twilio import public_url, twilio_client
+from telephony.twilio import public_url, twilio_account
 
 #: Path of the message status callback on this server.
 STATUS_CALLBACK_PATH = "/twilio/sms/status"
@@ -103,7 +103,7 @@ async def send_sms(settings: Settings, *, to: str, body: str) -> SentText:
     Raises:
         SmsSendError: Twilio refused the request or could not be reached.
     """
-    client = twilio_client(settings)
+    account = twilio_account(settings)
     kwargs: dict[str, str] = {"to": to, "body": body}
     if settings.twilio_messaging_service_sid:
         kwargs["messaging_service_sid"] = settings.twilio_messaging_service_sid
@@ -114,9 +114,7 @@ async def send_sms(settings: Settings, *, to: str, body: str) -> SentText:
     if callback:
         kwargs["status_callback"] = callback
     try:
-        message = await asyncio.to_thread(
-            lambda: client.api.v2010.accounts(settings.twilio_account_sid).messages.create(**kwargs)
-        )
+        message = await asyncio.to_thread(lambda: account.messages.create(**kwargs))
     except TwilioRestException as exc:
         code = int(exc.code) if isinstance(exc.code, int) else None
         raise SmsSendError(

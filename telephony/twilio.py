@@ -25,6 +25,7 @@ from pipecat.serializers.twilio import TwilioFrameSerializer
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
+from twilio.rest.api.v2010.account import AccountContext
 
 from core.settings import Settings
 
@@ -52,6 +53,22 @@ def twilio_client(settings: Settings) -> Client:
     if settings.twilio_api_base_url:
         client.api.base_url = settings.twilio_api_base_url.rstrip("/")
     return client
+
+
+def twilio_account(settings: Settings) -> AccountContext:
+    """The configured account's REST resources (``/2010-04-01/Accounts/{AC}``).
+
+    Building it sends no request.
+
+    Args:
+        settings: Settings with ``TWILIO_ACCOUNT_SID`` and ``TWILIO_AUTH_TOKEN``.
+
+    Returns:
+        The account. Its methods block: call them through ``asyncio.to_thread``.
+    """
+    client = twilio_client(settings)
+    assert settings.twilio_account_sid is not None  # twilio_client required it
+    return client.api.v2010.accounts(settings.twilio_account_sid)
 
 
 def public_url(settings: Settings, path: str) -> str:
@@ -485,9 +502,11 @@ class DealershipTwilioSerializer(TwilioFrameSerializer):
             message = json.loads(data)
         except (ValueError, TypeError, RecursionError):
             message = None
-        event = message.get("event") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            return self._dropped("not a Twilio message")
+        event = message.get("event")
         body = message.get(event) if isinstance(event, str) and event in ("media", "dtmf") else {}
-        if not isinstance(message, dict) or not isinstance(body, dict):
+        if not isinstance(body, dict):
             return self._dropped("not a Twilio message")
         try:
             return await super().deserialize(data)
@@ -537,14 +556,8 @@ class TwilioCallControl:
         """Hand the call to other TwiML; the media stream then ends without a hang-up."""
         if self._serializer is not None:
             self._serializer.suppress_hang_up()
-        client = twilio_client(self._settings)
-        await asyncio.to_thread(
-            lambda: (
-                client.api.v2010.accounts(self._settings.twilio_account_sid)
-                .calls(self._call_sid)
-                .update(twiml=twiml)
-            )
-        )
+        account = twilio_account(self._settings)
+        await asyncio.to_thread(lambda: account.calls(self._call_sid).update(twiml=twiml))
 
     async def transfer(self, number: str) -> None:
         """Redirect the call to ``<Dial>`` the advisor; the media stream then ends."""
@@ -579,7 +592,9 @@ async def place_outbound_call(
         The new CallSid.
     """
     settings.require("TWILIO_PHONE_NUMBER", "PUBLIC_BASE_URL")
-    client = twilio_client(settings)
+    assert settings.twilio_phone_number is not None
+    from_number = settings.twilio_phone_number
+    account = twilio_account(settings)
     query = f"scenario={scenario}"
     if customer_id is not None:
         query += f"&customer_id={customer_id}"
@@ -589,9 +604,9 @@ async def place_outbound_call(
     status_url = public_url(settings, "/twilio/status")
     amd_url = public_url(settings, f"/twilio/amd?{query}")
     call = await asyncio.to_thread(
-        lambda: client.api.v2010.accounts(settings.twilio_account_sid).calls.create(
+        lambda: account.calls.create(
             to=to,
-            from_=settings.twilio_phone_number,
+            from_=from_number,
             url=url,
             method="POST",
             status_callback=status_url,

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from twilio.twiml.voice_response import VoiceResponse
+from twilio.twiml.voice_response import Dial, VoiceResponse
 
 #: Call language -> ``<Say language>``.
 SAY_LANGUAGES = {"en": "en-US", "es": "es-MX"}
@@ -46,8 +46,11 @@ def warm_transfer_twiml(
     """
     response = VoiceResponse()
     response.say(hold_message, language=say_language(language))
-    dial = response.dial(action=action_url, method="POST", timeout=ring_secs)
+    # Built here rather than by response.dial(), which the twilio library leaves
+    # unannotated (its return type is inferred as TwiML | str).
+    dial = Dial(action=action_url, method="POST", timeout=ring_secs)
     dial.number(number, url=whisper_url, method="POST")
+    response.append(dial)
     return str(response)
 
 

@@ -139,6 +139,21 @@ def test_requirements_lock_has_every_pin_of_pyproject() -> None:
         )
 
 
+def test_ci_runs_the_readmes_test_command_with_the_type_check() -> None:
+    """``.ci/run`` runs exactly the README's test command; lint, format and types first."""
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"^# 2\. install and run the whole test suite\n(.+)$", readme, re.M)
+    assert match, "README lost its test command"
+    command = match.group(1)
+    script = (REPO / ".ci" / "run").read_text().splitlines()
+    runs = [line for line in script if line and not line.startswith(("#", "set ", "cd "))]
+    assert runs == [command]
+    steps = [step.strip() for step in command.split("&&")]
+    assert steps.index(".venv/bin/basedpyright") < steps.index(".venv/bin/python -m pytest -q")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["basedpyright"]
+    assert config["failOnWarnings"] is True
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
