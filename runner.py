@@ -160,6 +160,10 @@ def create_app(
             f"Browser test calls (WEBRTC_DEV): open http://{settings.host}:{settings.port}"
             "/client?token=<ADMIN_TOKEN>"
         )
+    else:
+        from api.dev_page import mount_disabled_page
+
+        mount_disabled_page(app)  # /client says the page is off and how to turn it on
 
     return app
 

@@ -1,23 +1,32 @@
-"""Browser test calls (``WEBRTC_DEV``): Pipecat's prebuilt SmallWebRTC page on the same bot.
+"""Browser test calls (``WEBRTC_DEV``): the dealership's test page at ``/client``.
 
 A developer tool, off by default. ``runner.create_app`` mounts it only with
 ``WEBRTC_DEV=true`` and an ``ADMIN_TOKEN``, and refuses to when the server looks
 exposed (``PUBLIC_BASE_URL`` set, or a non-loopback ``HOST``) unless
-``WEBRTC_DEV_FORCE=true``.
+``WEBRTC_DEV_FORCE=true``. With it off, ``/client`` is a 404 page that says how to turn
+it on (:mod:`api.dev_page`) and none of the routes below exist.
 
-Access: every route wants the admin token. The prebuilt page cannot send an
-``Authorization`` header itself, so ``GET /client?token=<ADMIN_TOKEN>`` checks the token
-once and sets an HttpOnly, SameSite=Strict cookie (a value derived from the token, not the
-token itself) that the page's own requests then carry (the 401 page has a form that does
-the same; the token is masked in uvicorn's access log). Scripts may send
+The page (server-rendered, ``api/templates/dev_page.html`` and
+``api/static/dev_page.js``) lists the demo customers of the CRM to call as (first name and
+masked number only; ``crm.customers.demo_callers``) plus an unknown caller, a Call / Hang
+up button and the call's transcript. When the speech keys are missing it says which, and
+the Call button is disabled.
+
+Access: every route wants the admin token. ``GET /client?token=<ADMIN_TOKEN>`` checks the
+token once and sets an HttpOnly, SameSite=Strict cookie (a value derived from the token,
+not the token itself) that the page's own requests then carry (the 401 page has a form that
+does the same; the token is masked in uvicorn's access log). Scripts may send
 ``Authorization: Bearer <ADMIN_TOKEN>`` instead. ``?caller=+1555...`` on ``/client`` picks
-the demo customer to play (also accepted by ``/start``, as a query parameter or as
-``{"body": {"caller": ...}}``).
+the customer the page starts with.
 
-Flow: ``GET /client`` serves the page; it calls ``POST /start`` (a pending session,
-``{"sessionId"}``) and then ``/sessions/{id}/api/offer`` (POST for the SDP offer, PATCH
-for ICE candidates). ``/api/offer`` works without a session. The server offers host
-candidates only, which is all a browser on the same machine needs.
+Flow: the page calls ``POST /start`` (``{"body": {"customer_id": 1}}``, ``{"body":
+{"caller": "+15555550101"}}`` or ``{"body": {"caller": "unknown"}}``; a pending session,
+``{"sessionId"}``), then ``/sessions/{id}/api/offer`` (POST for the SDP offer, answered
+with the SDP answer, its ``pc_id`` and the new call's ``call_sid``; PATCH for ICE
+candidates). ``/api/offer`` works without a session. The server offers host candidates
+only, which is all a browser on the same machine needs. The transcript comes from
+``GET /client/calls/{call_sid}/transcript?after=N``: the turns of the call's session
+snapshot in Redis (masked like the ops console's), polled by the page.
 
 The number a browser caller gives selects a CRM record but is never credited as caller
 ID: the session is built with ``caller_id_trusted=False``, so the bot does not greet by
@@ -31,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import re
@@ -41,8 +49,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from loguru import logger
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
@@ -53,17 +61,32 @@ from pipecat.transports.smallwebrtc.request_handler import (
     SmallWebRTCRequestHandler,
 )
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
+from psycopg import Error as DatabaseError
+from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis.exceptions import RedisError
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.dev_page import STATIC_DIR, message_page, render
 from bot.call import run_call
 from bot.pipeline import CallOptions
+from core.pii import mask_phone, redact_text
 from core.settings import Settings
 from core.tokens import bearer_token, derived_token, token_matches
+from crm import customers as crm_customers
+from processors.session_snapshot import SnapshotStore
 from tools.context import CallSession
 
 BROWSER_SAMPLE_RATE = 16000
 DEFAULT_DEMO_CALLER = "+15555550100"
+#: What ``/start`` takes for a caller without caller ID (kept as "" in the session table).
+UNKNOWN_CALLER = "unknown"
+#: Demo customers listed on the page.
+MAX_LISTED_CALLERS = 20
+MAX_CUSTOMER_ID = 2**62
+#: Longest wait for the CRM (the page's list, a ``customer_id`` of ``/start``).
+DB_TIMEOUT_SECS = 5.0
 #: Settings a browser call needs (Twilio is not involved).
 BROWSER_CALL_SETTINGS = ("OPENAI_API_KEY", "DEEPGRAM_API_KEY")
 MAX_BODY_BYTES = 16 * 1024
@@ -74,6 +97,7 @@ AUTH_COOKIE = "voice_agent_dev"
 CALLER_COOKIE = "voice_agent_dev_caller"
 _COOKIE_PURPOSE = "webrtc-dev-cookie"
 E164 = re.compile(r"\+[1-9][0-9]{7,14}")
+BROWSER_CALL_SID = re.compile(r"webrtc-[0-9a-f]{16}")
 #: Lines every browser offer has; without them the WebRTC stack fails later, in the background.
 _REQUIRED_SDP = {
     line: re.compile(rf"^{line}", re.MULTILINE)
@@ -94,19 +118,23 @@ class DevClientError(Exception):
 
 
 def valid_caller(value: object) -> str:
-    """The caller number if it is E.164 text.
+    """The caller number if it is E.164 text; ``"unknown"`` (no caller ID) becomes ``""``.
 
     Args:
         value: What the client sent.
 
     Returns:
-        The number.
+        The number, or ``""`` for a caller without caller ID.
 
     Raises:
-        DevClientError: 422 when it is not an E.164 string.
+        DevClientError: 422 when it is neither.
     """
+    if value == UNKNOWN_CALLER:
+        return ""
     if not isinstance(value, str) or not E164.fullmatch(value):
-        raise DevClientError(422, "caller must be an E.164 phone number, e.g. +15555550100")
+        raise DevClientError(
+            422, 'caller must be an E.164 phone number, e.g. +15555550100, or "unknown"'
+        )
     return value
 
 
@@ -117,7 +145,7 @@ def caller_param(raw: str) -> str:
     as an E.164 number with its ``+``.
 
     Raises:
-        DevClientError: 422 when it is not an E.164 number.
+        DevClientError: 422 when it is not an E.164 number (or ``unknown``).
     """
     value = raw.strip()
     if value.isdigit():
@@ -128,8 +156,9 @@ def caller_param(raw: str) -> str:
 class PendingSessions:
     """Sessions registered by ``/start``, waiting for their offer: bounded and expiring.
 
-    Only the caller number is kept. Each access renews a session's lease; when the table
-    is full the least recently used session is evicted.
+    Only the caller number is kept (``""`` for a caller without caller ID). Each access
+    renews a session's lease; when the table is full the least recently used session is
+    evicted.
 
     Args:
         max_sessions: Most sessions kept.
@@ -165,7 +194,7 @@ class PendingSessions:
         """Register a session for ``caller``.
 
         Args:
-            caller: E.164 number the browser caller plays.
+            caller: E.164 number the browser caller plays, ``""`` for no caller ID.
 
         Returns:
             The new session id.
@@ -184,7 +213,7 @@ class PendingSessions:
             session_id: Id returned by :meth:`add`.
 
         Returns:
-            The caller number, or None when unknown or expired.
+            The caller number (``""``: no caller ID), or None when unknown or expired.
         """
         self._expire()
         entry = self._entries.get(session_id)
@@ -275,16 +304,41 @@ def browser_call_session(caller: str) -> CallSession:
     The number selects the CRM record but is not a carrier-verified caller ID.
 
     Args:
-        caller: E.164 number of the demo customer to play.
+        caller: E.164 number of the demo customer to play; ``""`` for a caller without
+            caller ID (as when a phone withholds its number).
 
     Returns:
         A new inbound session with ``caller_id_trusted=False``.
     """
     return CallSession(
         call_sid=f"webrtc-{uuid.uuid4().hex[:16]}",
-        caller_phone=caller,
+        caller_phone=caller or None,
         caller_id_trusted=False,
     )
+
+
+@contextlib.asynccontextmanager
+async def _crm(request: Request):
+    """A CRM connection of the app, or DevClientError 503 when there is none to be had."""
+    resources = getattr(request.app.state, "resources", None)
+    if resources is None:
+        raise DevClientError(503, "the server's database is not open yet")
+    try:
+        async with asyncio.timeout(DB_TIMEOUT_SECS), resources.db.connection() as conn:
+            yield conn
+    except (DatabaseError, PoolTimeout, OSError, TimeoutError) as exc:
+        logger.warning(f"browser test page: database unavailable ({type(exc).__name__})")
+        raise DevClientError(503, "the database is not answering; try again shortly") from None
+
+
+async def demo_caller_list(request: Request) -> list[crm_customers.DemoCaller]:
+    """The demo customers the page offers (see :func:`crm.customers.demo_callers`).
+
+    Raises:
+        DevClientError: 503 when the database is not available.
+    """
+    async with _crm(request) as conn:
+        return await crm_customers.demo_callers(conn, limit=MAX_LISTED_CALLERS)
 
 
 # --- Request bodies ------------------------------------------------------------------
@@ -359,8 +413,9 @@ def _parse(model: type[_M], data: Any, what: str) -> _M:
         raise DevClientError(422, f"invalid {what}: {problems}") from None
 
 
-def _start_caller(request: Request, data: Any) -> str:
-    """The caller a ``/start`` asks for: query, then body, then the page's cookie."""
+async def _start_caller(request: Request, data: Any) -> str:
+    """The caller a ``/start`` asks for: query, then body (``caller`` or a demo
+    ``customer_id``), then the page's cookie, then :data:`DEFAULT_DEMO_CALLER`."""
     if "caller" in request.query_params:
         return caller_param(request.query_params["caller"])
     if data is not None and not isinstance(data, dict):
@@ -372,10 +427,34 @@ def _start_caller(request: Request, data: Any) -> str:
     for source in (inner or {}, data):
         if "caller" in source:
             return valid_caller(source["caller"])
+        if "customer_id" in source:
+            return await _demo_customer_phone(request, source["customer_id"])
+    return _cookie_caller(request)
+
+
+def _cookie_caller(request: Request) -> str:
+    """The caller the ``?caller=`` link chose (cookie), else :data:`DEFAULT_DEMO_CALLER`."""
     cookie = request.cookies.get(CALLER_COOKIE)
+    if cookie == UNKNOWN_CALLER:
+        return ""
     if cookie and E164.fullmatch(cookie):
         return cookie
     return DEFAULT_DEMO_CALLER
+
+
+async def _demo_customer_phone(request: Request, customer_id: object) -> str:
+    """The number of a demo customer the page listed, by id."""
+    if (
+        isinstance(customer_id, bool)
+        or not isinstance(customer_id, int)
+        or not 0 < customer_id < MAX_CUSTOMER_ID
+    ):
+        raise DevClientError(422, "customer_id must be the id of a demo customer")
+    async with _crm(request) as conn:
+        found = await crm_customers.demo_caller(conn, customer_id)
+    if found is None:
+        raise DevClientError(422, "customer_id is not one of the demo customers")
+    return found.phone
 
 
 # --- Routes --------------------------------------------------------------------------
@@ -391,17 +470,14 @@ async def root() -> RedirectResponse:
 async def start(request: Request, dev: DevClientDep) -> dict[str, Any]:
     """Register a browser session; the bot starts when its WebRTC offer arrives."""
     dev.require_calls_possible()
-    caller = _start_caller(request, await read_json(request))
+    caller = await _start_caller(request, await read_json(request))
     return {"sessionId": dev.sessions.add(caller)}
 
 
 @router.api_route("/api/offer", methods=["POST", "PATCH"], dependencies=[Depends(require_access)])
 async def offer(request: Request, dev: DevClientDep) -> Any:
     """SDP offer (POST) or ICE candidates (PATCH) without a session id."""
-    caller = request.cookies.get(CALLER_COOKIE)
-    if not caller or not E164.fullmatch(caller):
-        caller = DEFAULT_DEMO_CALLER
-    return await _signal(request, dev, caller)
+    return await _signal(request, dev, _cookie_caller(request))
 
 
 @router.api_route(
@@ -446,14 +522,17 @@ async def _signal(request: Request, dev: DevClient, caller: str) -> Any:
     if missing:
         raise DevClientError(422, "the offer lacks " + ", ".join(missing))
     dev.require_calls_possible()
+    started: list[str] = []
 
     async def on_connection(connection: SmallWebRTCConnection) -> None:
-        task = asyncio.create_task(_run_browser_call(request.app, connection, caller))
+        session = browser_call_session(caller)
+        started.append(session.call_sid)
+        task = asyncio.create_task(_run_browser_call(request.app, connection, session))
         dev.tasks.add(task)
         task.add_done_callback(dev.tasks.discard)
 
     try:
-        return await dev.handler.handle_web_request(
+        answer = await dev.handler.handle_web_request(
             request=SmallWebRTCRequest(
                 sdp=sdp_offer.sdp,
                 type=sdp_offer.type,
@@ -467,9 +546,69 @@ async def _signal(request: Request, dev: DevClient, caller: str) -> Any:
     except Exception as exc:
         logger.info(f"browser offer refused: {type(exc).__name__}")
         raise DevClientError(400, "not a usable WebRTC offer") from None
+    if answer is not None and started:
+        # The page follows the new call's transcript by this id.
+        answer = {**answer, "call_sid": started[0]}
+    return answer
 
 
-async def _run_browser_call(app: FastAPI, connection: SmallWebRTCConnection, caller: str) -> None:
+@router.get("/client/calls/{call_sid}/transcript", dependencies=[Depends(require_access)])
+async def call_transcript(
+    call_sid: str, request: Request, after: Annotated[int, Query(ge=0, le=100_000)] = 0
+) -> dict[str, Any]:
+    """The transcript of a browser call, from its session snapshot in Redis.
+
+    ``turns`` are the snapshot's turns numbered from 0 (``n``), those from ``after`` on,
+    masked like the ops console's; the snapshot keeps the last few turns only, so a page
+    polls often enough to see them all. ``found`` is False until the call's first
+    snapshot; ``finished`` once the call has ended.
+    """
+    if not BROWSER_CALL_SID.fullmatch(call_sid):
+        raise DevClientError(404, "not a browser call")
+    resources = getattr(request.app.state, "resources", None)
+    if resources is None:
+        raise DevClientError(503, "the server's Redis is not open yet")
+    store = SnapshotStore(resources.redis, prefix=resources.settings.redis_key_prefix)
+    try:
+        snapshot = await asyncio.wait_for(store.read(call_sid), DB_TIMEOUT_SECS)
+    except (RedisError, OSError, TimeoutError) as exc:
+        logger.warning(f"browser test page: Redis unavailable ({type(exc).__name__})")
+        raise DevClientError(503, "the call's transcript is unavailable (Redis is down)") from None
+    except ValueError:  # not JSON
+        snapshot = None
+    if snapshot is None:
+        return {"call_sid": call_sid, "found": False, "finished": False, "turns": []}
+    return {
+        "call_sid": call_sid,
+        "found": True,
+        "finished": bool(snapshot.get("finished")),
+        "verified": snapshot.get("verified_customer_id") is not None,
+        "turns": [turn for turn in _numbered_turns(snapshot) if turn["n"] >= after],
+    }
+
+
+def _numbered_turns(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """The snapshot's transcript turns, masked, each with its number in the call."""
+    kept = snapshot.get("transcript")
+    kept = [t for t in kept if isinstance(t, dict)] if isinstance(kept, list) else []
+    total = snapshot.get("transcript_turns")
+    if isinstance(total, bool) or not isinstance(total, int) or total < len(kept):
+        total = len(kept)
+    first = total - len(kept)
+    return [
+        {
+            "n": first + i,
+            "role": "bot" if turn.get("role") in ("bot", "assistant") else "caller",
+            "text": redact_text(str(turn.get("text") or ""))[:4000],
+            "interrupted": bool(turn.get("interrupted")),
+        }
+        for i, turn in enumerate(kept)
+    ]
+
+
+async def _run_browser_call(
+    app: FastAPI, connection: SmallWebRTCConnection, session: CallSession
+) -> None:
     transport = SmallWebRTCTransport(
         webrtc_connection=connection,
         params=TransportParams(audio_in_enabled=True, audio_out_enabled=True),
@@ -477,7 +616,7 @@ async def _run_browser_call(app: FastAPI, connection: SmallWebRTCConnection, cal
     try:
         await run_call(
             transport=transport,
-            session=browser_call_session(caller),
+            session=session,
             resources=app.state.resources,
             options=CallOptions(sample_rate=BROWSER_SAMPLE_RATE),
         )
@@ -487,53 +626,81 @@ async def _run_browser_call(app: FastAPI, connection: SmallWebRTCConnection, cal
 
 # --- The page ------------------------------------------------------------------------
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;
-padding:0 1rem;line-height:1.5}}code{{background:#eee;padding:0 .2em}}</style></head>
-<body><h1>{title}</h1>{body}</body></html>
-"""
+#: Addresses of the call page itself (anything else under ``/client`` is a static file or
+#: a 404 page).
+PAGE_PATHS = ("/client", "/client/", "/client/index.html")
+STATIC_PREFIX = "/client/static/"
 
 
-def _page(status: int, title: str, body: str) -> HTMLResponse:
-    return HTMLResponse(
-        _PAGE.format(title=title, body=body),
-        status_code=status,
-        headers={"Cache-Control": "no-store"},
+def _login_page(request: Request, *, wrong: bool) -> Response:
+    return message_page(
+        request,
+        status=401,
+        title="Browser test calls: admin token required",
+        kind="login",
+        wrong=wrong,
     )
 
 
-def _login_page(wrong: bool) -> HTMLResponse:
-    first = "That token is not this server's <code>ADMIN_TOKEN</code>." if wrong else ""
-    return _page(
-        401,
-        "Browser test calls: admin token required",
-        f"<p>{first}</p><p>Open <code>/client?token=&lt;ADMIN_TOKEN&gt;</code> once in this "
-        "browser (the token from the server's <code>.env</code>), or enter it here. Add "
-        "<code>&amp;caller=+15555550101</code> to play another demo customer.</p>"
-        '<form method="get" action="/client/"><p><label>ADMIN_TOKEN '
-        '<input type="password" name="token" autocomplete="off" required></label></p>'
-        '<p><label>Customer phone (optional) <input name="caller" '
-        'placeholder="+15555550100"></label></p><p><button>Open</button></p></form>',
+async def call_page(request: Request, dev: DevClient) -> Response:
+    """The call page: demo customers to call as, Call / Hang up, the transcript.
+
+    503 (with the page) when the speech keys are missing: it names them and the Call
+    button is disabled. Without the database the list says so; an unknown caller (and the
+    number of a ``?caller=`` link) can still be called.
+    """
+    cookie = request.cookies.get(CALLER_COOKIE)
+    unknown = cookie == UNKNOWN_CALLER
+    chosen = cookie if cookie and E164.fullmatch(cookie) else None
+    callers: list[dict[str, Any]] = []
+    callers_error = None
+    try:
+        rows = await demo_caller_list(request)
+    except DevClientError as exc:
+        rows = []
+        callers_error = f"The demo customers cannot be listed: {exc.message}."
+    selected = chosen if any(r.phone == chosen for r in rows) else None
+    if chosen is None and rows and not unknown:
+        selected = rows[0].phone
+    for row in rows:
+        callers.append(
+            {
+                "id": row.id,
+                "first_name": row.first_name,
+                "phone": mask_phone(row.phone),
+                "selected": row.phone == selected,
+            }
+        )
+    link_caller = mask_phone(chosen) if chosen is not None and selected != chosen else None
+    return render(
+        request,
+        "dev_page.html",
+        {
+            "title": "Test call",
+            "styled": True,
+            "missing": dev.missing_settings,
+            "callers": callers,
+            "callers_error": callers_error,
+            "link_caller": link_caller,
+            "unknown_selected": unknown or (not rows and chosen is None),
+        },
+        status=503 if dev.missing_settings else 200,
     )
 
 
 class ClientPage:
-    """ASGI app at ``/client``: the access check, then Pipecat's prebuilt UI.
+    """ASGI app at ``/client``: the access check, then the call page or its static files.
 
-    ``?token=`` sets the access cookie, ``?caller=`` the customer to play (both redirect
-    to ``/client/``). Without access: a 401 page that says how to get it. When browser
-    calls cannot work, the page says which settings are missing instead of loading the UI.
+    ``?token=`` sets the access cookie, ``?caller=`` the customer the page starts with
+    (both redirect to ``/client/``). Without access: a 401 page that says how to get it.
 
     Args:
         dev: The app's browser-client state.
-        static: The prebuilt UI's static files.
     """
 
-    def __init__(self, dev: DevClient, static: ASGIApp) -> None:
+    def __init__(self, dev: DevClient) -> None:
         self.dev = dev
-        self.static = static
+        self.static: ASGIApp = StaticFiles(directory=STATIC_DIR)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one request under ``/client``."""
@@ -542,25 +709,41 @@ class ClientPage:
             return
         request = Request(scope, receive)
         response = self._gate(request)
-        app = response if response is not None else self.static
-        await app(scope, receive, send)
+        if response is None:
+            path = request.url.path
+            if path in PAGE_PATHS:
+                response = await call_page(request, self.dev)
+            elif path.startswith(STATIC_PREFIX):
+                # StaticFiles serves the path below the mount point.
+                scope = {**scope, "path": path.removeprefix("/client/static")}
+                await self.static(scope, receive, send)
+                return
+            else:
+                response = message_page(
+                    request,
+                    status=404,
+                    title="Not found",
+                    kind="not_found",
+                    message="There is no such page here.",
+                )
+        await response(scope, receive, send)
 
     def _gate(self, request: Request) -> Response | None:
         params = request.query_params
         token = params.get("token")
         if token is not None and not self.dev.token_ok(token):
-            return _login_page(wrong=True)
+            return _login_page(request, wrong=True)
         if token is None and not self.dev.authorized(request):
-            return _login_page(wrong=False)
+            return _login_page(request, wrong=False)
         caller = params.get("caller") or None  # the login form sends an empty field
         try:
             caller = caller_param(caller) if caller is not None else None
         except DevClientError:
-            return _page(
-                422,
-                "Browser test calls: not a phone number",
-                "<p><code>caller</code> must be an E.164 number such as "
-                "<code>+15555550101</code>.</p>",
+            return message_page(
+                request,
+                status=422,
+                title="Browser test calls: not a phone number",
+                kind="bad_caller",
             )
         if token is not None or caller is not None:
             redirect = RedirectResponse(
@@ -576,24 +759,16 @@ class ClientPage:
                     secure=secure,
                     path="/",
                 )
-            if caller is not None:
+            if caller is not None:  # "" (?caller=unknown): no caller ID
                 redirect.set_cookie(
-                    CALLER_COOKIE, caller, httponly=True, samesite="strict", secure=secure, path="/"
+                    CALLER_COOKIE,
+                    caller or UNKNOWN_CALLER,
+                    httponly=True,
+                    samesite="strict",
+                    secure=secure,
+                    path="/",
                 )
             return redirect
-        if self.dev.missing_settings and request.url.path in (
-            "/client",
-            "/client/",
-            "/client/index.html",
-        ):
-            names = ", ".join(f"<code>{n}</code>" for n in self.dev.missing_settings)
-            return _page(
-                503,
-                "Browser test calls are not available",
-                f"<p>The server is missing {names}. Set them in the environment or "
-                "<code>.env</code> (see <code>.env.example</code>) and restart the "
-                "server.</p>",
-            )
         return None
 
 
@@ -620,7 +795,7 @@ def _redact_access_log() -> None:
 
 
 def mount_client(app: FastAPI, settings: Settings) -> DevClient:
-    """Mount the guarded prebuilt UI at ``/client`` and the WebRTC signalling routes.
+    """Mount the guarded test page at ``/client`` and the WebRTC signalling routes.
 
     Args:
         app: The web app.
@@ -629,10 +804,6 @@ def mount_client(app: FastAPI, settings: Settings) -> DevClient:
     Returns:
         The client's state, also at ``app.state.webrtc``.
     """
-    # The package prints where it looks for its files on import; nothing to tell anyone.
-    with contextlib.redirect_stdout(io.StringIO()):
-        from pipecat_ai_prebuilt.frontend import PipecatPrebuiltUI
-
     dev = DevClient(settings)
     app.state.webrtc = dev
     _redact_access_log()
@@ -646,5 +817,5 @@ def mount_client(app: FastAPI, settings: Settings) -> DevClient:
 
     app.add_exception_handler(DevClientError, refused)
     app.include_router(router)
-    app.mount("/client", ClientPage(dev, PipecatPrebuiltUI))
+    app.mount("/client", ClientPage(dev))
     return dev

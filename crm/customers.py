@@ -101,6 +101,63 @@ async def get_identity(conn: AsyncConnection, customer_id: int) -> CustomerIdent
         return await cur.fetchone()
 
 
+#: The fictional 555-01xx numbers of area code 555: the seed gives them to the demo
+#: customers (``seeding.catalogue.DEMO_CUSTOMERS``) and to no generated customer.
+DEMO_PHONE_FIRST = "+15555550100"
+DEMO_PHONE_LAST = "+15555550199"
+
+
+@dataclass(frozen=True)
+class DemoCaller:
+    """A demo customer someone may play on the browser test page: no more than the page
+    needs (it shows the first name and a masked number)."""
+
+    id: int
+    first_name: str
+    phone: str
+
+
+_DEMO_WHERE = "phone BETWEEN %(first)s AND %(last)s AND length(phone) = 12"
+
+
+async def demo_callers(conn: AsyncConnection, *, limit: int = 20) -> list[DemoCaller]:
+    """The demo customers (numbers +1 555 555-0100..0199), by id.
+
+    Args:
+        conn: Database connection.
+        limit: Most customers returned.
+
+    Returns:
+        Their id, first name and phone.
+    """
+    async with conn.cursor(row_factory=class_row(DemoCaller)) as cur:
+        await cur.execute(
+            f"SELECT id, first_name, phone FROM customers WHERE {_DEMO_WHERE} "
+            "ORDER BY id LIMIT %(limit)s",
+            {"first": DEMO_PHONE_FIRST, "last": DEMO_PHONE_LAST, "limit": limit},
+        )
+        return await cur.fetchall()
+
+
+async def demo_caller(conn: AsyncConnection, customer_id: int) -> DemoCaller | None:
+    """One demo customer by id; None when there is none with that id (or it is not a demo
+    customer).
+
+    Args:
+        conn: Database connection.
+        customer_id: The customer's id.
+
+    Returns:
+        The customer, or None.
+    """
+    async with conn.cursor(row_factory=class_row(DemoCaller)) as cur:
+        await cur.execute(
+            f"SELECT id, first_name, phone FROM customers WHERE id = %(id)s AND {_DEMO_WHERE}",
+            {"id": customer_id, "first": DEMO_PHONE_FIRST, "last": DEMO_PHONE_LAST},
+        )
+        return await cur.fetchone()
+
+
 async def vin_last4_matches(conn: AsyncConnection, customer_id: int, last4: str) -> bool:
     """Whether one of the customer's vehicles has a VIN ending in ``last4``."""
     cur = await conn.execute(

@@ -160,7 +160,8 @@ def session_snapshot(session: Any, latency: Any | None = None, *, last_turns: in
 
     Returns:
         A JSON-ready dict. The caller's number is masked (``caller``); the customer's first
-        name is there only once the caller is verified.
+        name is there only once the caller is verified. ``transcript`` holds the last
+        ``last_turns`` turns, ``transcript_turns`` the number of turns so far.
     """
     customer_id = getattr(session, "customer_id", None)
     verified = bool(getattr(session, "verified", False))
@@ -177,6 +178,8 @@ def session_snapshot(session: Any, latency: Any | None = None, *, last_turns: in
         "verified_customer_id": customer_id if verified else None,
         "appointment_ids": list(getattr(session, "appointment_ids", []) or []),
         "transcript": transcript[-last_turns:] if last_turns > 0 else [],
+        # How many turns the call has had: the number of the first kept turn follows.
+        "transcript_turns": len(transcript),
         "latency": latency.summary() if latency is not None else None,
         "outcome": getattr(session, "outcome", None),
     }

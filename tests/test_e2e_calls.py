@@ -564,7 +564,10 @@ async def test_browser_client_page_is_served_with_the_admin_token(
         assert refused.status_code == 401
         response = await agent.http.get("/client?token=e2e-admin", follow_redirects=True)
         assert response.status_code == 200
-        assert '<div id="root">' in response.text
+        assert 'id="call-form"' in response.text
+        # The running server lists the demo customers (first name, masked number).
+        assert "Maria" in response.text and "+1***…0100" in response.text
+        assert "+15555550100" not in response.text
 
 
 async def test_status_callbacks_drive_campaign_retries(crm_db: str, redis_server_url: str) -> None:

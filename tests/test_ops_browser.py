@@ -12,6 +12,7 @@ Chromium comes from Debian (``/usr/bin/chromium``); the session fixture installs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
@@ -30,12 +31,12 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from campaigns.dialer import Dialer, run_campaign
 from core.profile import load_profile
-from core.settings import DEFAULT_PROFILE
+from core.settings import DEFAULT_PROFILE, Settings
 from crm.migrate import apply_migrations
 from seeding import seed
 from tests.conftest_db import create_database, database_url, drop_database
-from tests.fakes.audio import speech_ulaw
-from tests.fakes.openai_chat import FakeOpenAI
+from tests.fakes.audio import speech_pcm16, speech_ulaw
+from tests.fakes.openai_chat import FakeOpenAI, say
 from tests.harness import BOOKING_UTTERANCES, Agent, booking_script, running_agent
 from tests.ops_support import insert_call, insert_callback, query
 
@@ -568,3 +569,195 @@ async def test_the_health_page_shows_the_last_hour(page: Page) -> None:
     await expect(page.locator("svg.chart circle.line-p50").first).to_be_attached()
     await expect(page.locator("table.tool-stats")).to_contain_text("book_appointment")
     await shot(page, "health")
+
+
+# --- the browser test page (/client) ------------------------------------------------
+
+DEV_ENV = {"WEBRTC_DEV": "true", "WEBRTC_DEV_FORCE": "true"}  # the harness sets PUBLIC_BASE_URL
+#: What the fake microphone says (looped by Chromium): the greeting plays over the first
+#: seconds of silence, then one utterance, then a long pause.
+MIC_PLAN = ((3.5, False), (1.2, True), (9.0, False))
+JAMES_SAYS = "Hi, this is James. My truck needs a tire rotation."
+BOT_REPLY = "Happy to help with the tire rotation. What is your date of birth?"
+
+
+def _fake_microphone_wav(path: Path) -> Path:
+    """A 16 kHz mono WAV of silence and speech-like sound (Silero hears it as speech)."""
+    import wave
+
+    pcm = b"".join(
+        speech_pcm16(secs, sample_rate=16000) if voiced else b"\0\0" * int(secs * 16000)
+        for secs, voiced in MIC_PLAN
+    )
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(pcm)
+    return path
+
+
+@contextlib.asynccontextmanager
+async def _served(app: Any, settings: Settings) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on ``settings``' port; yields its base URL."""
+    import uvicorn
+
+    from runner import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(60):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@bounded(90)
+async def test_the_dev_page_says_it_is_disabled(browser: Browser, agent: Agent) -> None:
+    context = await browser.new_context(base_url=agent.base_url)
+    try:
+        tab = await context.new_page()
+        response = await tab.goto("/client")
+        assert response is not None and response.status == 404
+        await expect(tab.get_by_role("heading", level=1)).to_have_text(
+            "The browser test page is disabled"
+        )
+        await expect(tab.locator(".dev-message")).to_contain_text("WEBRTC_DEV=true")
+        await expect(tab.locator(".brand")).to_contain_text(PROFILE.name)
+    finally:
+        await context.close()
+
+
+@bounded(120)
+async def test_the_dev_page_names_the_missing_keys_and_disables_the_call_button(
+    browser: Browser, crm: str, redis_server_url: str
+) -> None:
+    from tests.conftest_db import delete_keys, new_name
+    from tests.harness import free_port
+
+    prefix = new_name()
+    settings = Settings(
+        _env_file=None,
+        DATABASE_URL=crm,
+        REDIS_URL=redis_server_url,
+        REDIS_KEY_PREFIX=prefix,
+        WEBRTC_DEV=True,
+        ADMIN_TOKEN=ADMIN,
+        HOST="127.0.0.1",
+        PORT=free_port(),
+        LOG_LEVEL="WARNING",
+    )
+    from runner import create_app
+
+    try:
+        async with _served(create_app(settings), settings) as base_url:
+            context = await browser.new_context(
+                base_url=base_url, viewport={"width": 1280, "height": 860}
+            )
+            try:
+                tab = await context.new_page()
+                await tab.goto("/client")
+                # Not logged in: the page asks for the admin token.
+                await expect(tab.locator("input[name=token]")).to_be_visible()
+                await tab.fill("input[name=token]", ADMIN)
+                await tab.click("button[type=submit]")
+                await tab.wait_for_url("**/client/")
+                alert = tab.locator("#missing-keys")
+                await expect(alert).to_contain_text(
+                    "Calls are disabled: this server is missing OPENAI_API_KEY and DEEPGRAM_API_KEY"
+                )
+                await expect(tab.locator("#call-button")).to_be_disabled()
+                await expect(tab.locator("#call-state")).to_have_text("Calls disabled")
+                # The demo customers are listed all the same (first name, masked number).
+                maria = tab.locator("label.caller", has_text="Maria")
+                await expect(maria).to_contain_text("+1***…0100")
+                await expect(tab.locator("label.caller")).to_have_count(8)
+                assert "5555550100" not in await tab.content()
+            finally:
+                await context.close()
+    finally:
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(redis_server_url)
+        try:
+            await delete_keys(client, prefix)
+        finally:
+            await client.aclose()
+
+
+@bounded(180)
+async def test_a_browser_call_from_the_dev_page_shows_the_transcript(
+    chromium: str, crm: str, redis_server_url: str, tmp_path: Path
+) -> None:
+    """Chromium's fake microphone (a WAV file) calls the bot as James; the page shows the
+    greeting, what he said and the reply as the call goes on."""
+    wav = _fake_microphone_wav(tmp_path / "mic.wav")
+    llm = FakeOpenAI([say(BOT_REPLY)])
+    async with (
+        running_agent(database_url=crm, redis_url=redis_server_url, llm=llm, env=DEV_ENV) as dev,
+        async_playwright() as playwright,
+    ):
+        dev.stt.script([JAMES_SAYS, "Nineteen seventy-nine.", "Thanks."])
+        media = await playwright.chromium.launch(
+            executable_path=chromium,
+            args=[
+                *CHROMIUM_ARGS,
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={wav}",
+                "--autoplay-policy=no-user-gesture-required",
+            ],
+        )
+        try:
+            context = await media.new_context(
+                base_url=dev.base_url, viewport={"width": 1280, "height": 860}
+            )
+            await context.grant_permissions(["microphone"], origin=dev.base_url)
+            tab = await context.new_page()
+            tab.set_default_timeout(UI_TIMEOUT_MS)
+            await tab.goto(f"/client?token={ADMIN}")
+            await tab.wait_for_url("**/client/")
+            await expect(tab.locator("#call-state")).to_have_text("Ready")
+            await expect(tab.locator("#missing-keys")).to_have_count(0)
+            call_button = tab.locator("#call-button")
+            await expect(call_button).to_be_enabled()
+            await tab.locator("label.caller", has_text="James").click()
+            await call_button.click()
+            await expect(tab.locator("#call-state")).to_have_text("In call", timeout=30_000)
+            await expect(tab.locator("#hangup-button")).to_be_enabled()
+            transcript = tab.locator("#transcript")
+            await expect(transcript.locator(".turn.bot").first).to_contain_text(
+                "Thanks for calling", timeout=30_000
+            )
+            await expect(transcript.locator(".turn.caller").first).to_contain_text(
+                JAMES_SAYS, timeout=40_000
+            )
+            await expect(transcript).to_contain_text(BOT_REPLY, timeout=30_000)
+            # A browser call is never credited caller ID: no name in the greeting.
+            assert "James" not in await transcript.locator(".turn.bot").first.inner_text()
+            await shot(tab, "dev-page")
+            await tab.locator("#hangup-button").click()
+            await expect(tab.locator("#call-state")).to_have_text("Call ended")
+            await expect(call_button).to_be_enabled()
+            rows = await _wait_for_rows(dev, "SELECT * FROM calls WHERE call_sid LIKE 'webrtc-%%'")
+            assert rows[0]["direction"] == "inbound" and rows[0]["verified"] is not True
+            await context.close()
+        finally:
+            await media.close()
+
+
+async def _wait_for_rows(agent: Agent, sql: str, timeout: float = 30.0) -> list[dict]:  # noqa: ASYNC109
+    deadline = clock.monotonic() + timeout
+    while True:
+        rows = agent.query(sql)
+        if rows and rows[0].get("ended_at") is not None:
+            return rows
+        assert clock.monotonic() < deadline, f"no finished row for {sql!r}"
+        await asyncio.sleep(0.25)

@@ -209,6 +209,7 @@ async def test_processor_writes_after_bot_turn_and_finishes(
     assert snap["flow_node"] == "identify" and snap["verified_customer_id"] == 42
     assert snap["appointment_ids"] == [7] and len(snap["transcript"]) == 4
     assert snap["transcript"][-1]["text"] == "turn 9" and "updated_at" in snap
+    assert snap["transcript_turns"] == 10  # the kept 4 are turns 6..9 of the call
     assert await store.active() == []
     assert len(snapshots.written_versions) >= 1
     await redis.delete(store.key("CA-proc"))

@@ -3,9 +3,11 @@ behind the admin token, bounded, never crediting caller ID, never a 5xx on odd i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -25,8 +27,9 @@ from core.profile import load_profile
 from core.resources import StartupError, open_resources
 from core.settings import DEFAULT_PROFILE, Settings
 from crm.migrate import apply_migrations
+from processors.session_snapshot import SnapshotStore
 from runner import create_app
-from seeding import seed
+from seeding import DEMO_CUSTOMERS, seed
 from tests.fakes.audio import speech_pcm16
 from tests.fakes.browser_webrtc import MIC_RATE, FakeBrowser
 from tests.fakes.openai_chat import FakeOpenAI, call_tool, say
@@ -82,10 +85,20 @@ ROUTES = [
 async def test_dev_page_is_off_by_default() -> None:
     app = create_app(Settings(_env_file=None, HOST="127.0.0.1", ADMIN_TOKEN=TOKEN))
     async with asgi_client(app, headers=BEARER) as client:
-        for method, path in ROUTES:
+        for method, path in [*ROUTES, ("GET", "/client/calls/webrtc-0123456789abcdef/transcript")]:
             response = await client.request(method, path, json={"sdp": "x", "type": "offer"})
             assert response.status_code == 404, (method, path, response.text)
         assert (await client.get("/client/?token=" + TOKEN)).status_code == 404
+        assert (await client.get("/client/static/dev_page.js")).status_code == 404
+        # The page says it is off, and how to turn it on; in the dealership's colours.
+        page = await client.get("/client")
+        assert page.headers["content-type"].startswith("text/html")
+        assert "The browser test page is disabled" in page.text
+        for how in ("WEBRTC_DEV=true", "ADMIN_TOKEN", "/client?token=", "WEBRTC_DEV_FORCE"):
+            assert how in page.text, how
+        assert PROFILE.name in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert 'id="call-form"' not in page.text  # no call page behind it
     assert Settings(_env_file=None, WEBRTC_DEV="").webrtc_dev is False
 
 
@@ -175,9 +188,14 @@ async def test_token_link_sets_a_strict_http_only_cookie_the_page_then_uses() ->
         assert "httponly" in auth.lower() and "samesite=strict" in auth.lower()
         assert TOKEN not in auth  # a derived value, not the admin token itself
         page = await browser.get("/client/")
-        assert page.status_code == 200 and '<div id="root"></div>' in page.text
-        asset = await browser.get("/client/favicon.svg")
-        assert asset.status_code == 200
+        assert page.status_code == 200 and 'id="call-form"' in page.text
+        assert '<script src="/client/static/dev_page.js">' in page.text
+        assert page.headers["x-frame-options"] == "DENY"
+        assert page.headers["cache-control"] == "no-store"
+        asset = await browser.get("/client/static/dev_page.js")
+        assert asset.status_code == 200 and "/api/offer" in asset.text
+        assert (await browser.get("/client/static/nothing.js")).status_code == 404
+        assert (await browser.get("/client/elsewhere")).status_code == 404
         start = await browser.post("/start", json={"transport": "webrtc"})
         assert start.status_code == 200
         # The customer picked on the page is the one the session plays.
@@ -223,8 +241,177 @@ async def test_start_reports_missing_api_keys_and_the_page_says_so() -> None:
         assert "OPENAI_API_KEY" in body["error"] and "DEEPGRAM_API_KEY" in body["error"]
         page = await browser.get("/client/")
         assert page.status_code == 503
-        assert "OPENAI_API_KEY" in page.text and "DEEPGRAM_API_KEY" in page.text
+        assert "Calls are disabled: this server is missing OPENAI_API_KEY and " in page.text
+        assert "DEEPGRAM_API_KEY" in page.text and 'id="missing-keys"' in page.text
+        assert re.search(r'<button[^>]*id="call-button"[^>]*\sdisabled>Call</button>', page.text)
         assert len(app.state.webrtc.sessions) == 0
+    # One key missing: the page names that one only; with both set the button is live.
+    app = create_app(dev_settings(DEEPGRAM_API_KEY=None))
+    async with asgi_client(app) as browser:
+        await browser.get(f"/client/?token={TOKEN}")
+        page = await browser.get("/client/")
+        assert "this server is missing DEEPGRAM_API_KEY." in page.text
+        assert "OPENAI_API_KEY" not in page.text
+    app = create_app(dev_settings())
+    async with asgi_client(app) as browser:
+        await browser.get(f"/client/?token={TOKEN}")
+        page = await browser.get("/client/")
+        assert page.status_code == 200 and "missing-keys" not in page.text
+        assert re.search(r'<button[^>]*id="call-button"[^>]*>Call</button>', page.text)
+        assert not re.search(r'id="call-button"[^>]*disabled', page.text)
+
+
+# --- The page: demo customers to call as, masked ------------------------------------
+
+
+async def test_page_lists_the_demo_customers_masked_and_start_plays_the_one_picked(
+    crm_db: str, redis_server_url: str
+) -> None:
+    settings = dev_settings(DATABASE_URL=crm_db, REDIS_URL=redis_server_url)
+    async with open_resources(settings, migrate=apply_migrations, seed_demo=None) as resources:
+        app = create_app(settings, resources=resources)
+        app.state.resources = resources  # (the ASGI test client runs no lifespan)
+        sessions = app.state.webrtc.sessions
+        async with asgi_client(app) as browser:
+            await browser.get(f"/client/?token={TOKEN}")
+            page = await browser.get("/client/")
+            assert page.status_code == 200
+            html = page.text
+            assert PROFILE.name in html  # the dealership's name in the header
+            ids = {}
+            for demo in DEMO_CUSTOMERS:
+                match = re.search(
+                    r'value="(\d+)"[^>]*><span class="caller-name">'
+                    + demo.first_name
+                    + r'</span><span class="caller-phone mono">\+1\*\*\*…'
+                    + demo.phone[-4:],
+                    html,
+                )
+                assert match, demo.first_name
+                ids[demo.phone] = int(match.group(1))
+                # Never the full number, the last name, the date of birth, ZIP or a VIN.
+                for secret in (
+                    demo.phone,
+                    demo.phone[2:],
+                    f"555-{demo.phone[-4:]}",
+                    demo.last_name,
+                    demo.date_of_birth.isoformat(),
+                    demo.date_of_birth.strftime("%m/%d/%Y"),
+                    demo.zip_code,
+                    *(v.vin for v in demo.vehicles),
+                ):
+                    assert secret not in html, (demo.first_name, secret)
+            assert 'value="unknown"' in html and "Unknown caller" in html
+            # Only the demo customers: the generated ones are not offered.
+            assert html.count('name="caller"') == len(DEMO_CUSTOMERS) + 1
+            # The first one (Maria) is picked unless a ?caller= link said otherwise.
+            assert re.search(f'value="{ids["+15555550100"]}" checked', html)
+
+            async def plays(body: Any) -> str | None:
+                response = await browser.post("/start", json=body)
+                assert response.status_code == 200, response.text
+                return sessions.get(response.json()["sessionId"])
+
+            assert await plays({"body": {"customer_id": ids[JAMES]}}) == JAMES
+            assert await plays({"customer_id": ids["+15555550104"]}) == "+15555550104"
+            assert await plays({"body": {"caller": "unknown"}}) == ""  # no caller ID
+            for wrong in (99, 0, -1, 2**70, "1", 1.0, True, None, [1]):
+                response = await browser.post("/start", json={"body": {"customer_id": wrong}})
+                assert response.status_code == 422, (wrong, response.text)
+                assert "customer_id" in response.json()["error"]
+            # A ?caller= link picks the customer the page starts with ...
+            await browser.get("/client/?caller=%2B15555550102")
+            html = (await browser.get("/client/")).text
+            assert re.search(f'value="{ids["+15555550102"]}" checked', html)
+            # ... or, for a number that is not a demo customer, offers that number masked.
+            await browser.get("/client/?caller=%2B15551234567")
+            html = (await browser.get("/client/")).text
+            assert re.search(r'value="link" checked>.*\+1\*\*\*…4567', html)
+            assert "5551234567" not in html
+            # ... and ?caller=unknown starts on the unknown caller.
+            await browser.get("/client/?caller=unknown")
+            html = (await browser.get("/client/")).text
+            assert 'value="unknown" checked' in html and html.count(" checked") == 1
+            assert await plays({}) == ""  # the page sends no caller for the link's choice
+            # The browser call of an unknown caller has no number at all.
+            from api.webrtc import browser_call_session
+
+            assert browser_call_session("").caller_phone is None
+
+
+async def test_page_without_the_database_still_offers_the_unknown_caller() -> None:
+    app = create_app(dev_settings())  # no lifespan here: no database pool
+    async with asgi_client(app) as browser:
+        await browser.get(f"/client/?token={TOKEN}")
+        page = await browser.get("/client/")
+        assert page.status_code == 200
+        assert "The demo customers cannot be listed" in page.text
+        assert 'value="unknown" checked' in page.text
+        response = await browser.post("/start", json={"body": {"customer_id": 1}})
+        assert response.status_code == 503 and "database" in response.json()["error"]
+
+
+# --- The transcript feed the page polls ---------------------------------------------
+
+
+async def test_transcript_feed_numbers_masks_and_guards_the_turns(redis_server_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    prefix = f"devpage-test-{os.getpid()}"
+    settings = dev_settings(REDIS_URL=redis_server_url, REDIS_KEY_PREFIX=prefix)
+    app = create_app(settings)
+    client = aioredis.from_url(redis_server_url)
+
+    class Resources:  # what the feed uses of the app's resources
+        redis = client
+
+    Resources.settings = settings
+    app.state.resources = Resources()
+    store = SnapshotStore(client, prefix=prefix)
+    sid = "webrtc-0123456789abcdef"
+    turns = [{"role": "bot" if i % 2 else "caller", "text": f"turn {i}"} for i in range(2)] + [
+        {"role": "caller", "text": "My birthday is April 12th, 1985 and my number is 555-0100"},
+        {"role": "bot", "text": "Thanks, one moment.", "interrupted": True},
+    ]
+    try:
+        async with asgi_client(app) as browser:
+            feed = f"/client/calls/{sid}/transcript"
+            assert (await browser.get(feed)).status_code == 401  # the admin token first
+            await browser.get(f"/client/?token={TOKEN}")
+            assert (await browser.get(feed)).json() == {
+                "call_sid": sid,
+                "found": False,
+                "finished": False,
+                "turns": [],
+            }
+            # The snapshot keeps the last 2 of 4 turns: they are turns 2 and 3.
+            await store.write(
+                sid, 1, {"transcript": turns[-2:], "transcript_turns": 4, "call_sid": sid}
+            )
+            body = (await browser.get(feed)).json()
+            assert body["found"] is True and body["finished"] is False
+            assert [t["n"] for t in body["turns"]] == [2, 3]
+            said = body["turns"][0]["text"]
+            assert "1985" not in said and "[date]" in said and "555-0100" not in said
+            assert body["turns"][1] == {
+                "n": 3,
+                "role": "bot",
+                "text": "Thanks, one moment.",
+                "interrupted": True,
+            }
+            after = (await browser.get(feed, params={"after": 3})).json()
+            assert [t["n"] for t in after["turns"]] == [3]
+            await store.finish(sid)
+            assert (await browser.get(feed)).json()["finished"] is True
+            for bad in ("CA" + "0" * 32, "webrtc-xyz", "webrtc-0123456789abcdef0"):
+                response = await browser.get(f"/client/calls/{bad}/transcript")
+                assert response.status_code == 404, bad
+            for after_value in ("-1", "x", "100001"):
+                response = await browser.get(feed, params={"after": after_value})
+                assert response.status_code == 422
+    finally:
+        await client.delete(store.key(sid), store.active_key)
+        await client.aclose()
 
 
 # --- The session table ---------------------------------------------------------------
@@ -354,6 +541,8 @@ async def test_browser_call_over_webrtc_is_not_credited_caller_id(
         try:
             answer = await browser.call()
             assert answer.status_code == 200, answer.text
+            call_sid = answer.json()["call_sid"]
+            assert call_sid.startswith("webrtc-")
             await browser.wait_for_bot_audio(frames=10, timeout=30)
             assert agent.tts.texts, "the bot greeted"
             assert agent.tts.texts[0].startswith("Thanks for calling")
@@ -364,17 +553,46 @@ async def test_browser_call_over_webrtc_is_not_credited_caller_id(
             assert "James" not in system
             result = last_tool_result(llm.requests[1], "verify_customer")
             assert result["verified"] is False, result
+            # The page's transcript feed shows both sides as the call goes on, masked.
+            feed = f"/client/calls/{call_sid}/transcript"
+            turns: list[dict] = []
+
+            async def fetch_turns() -> bool:
+                body = (await http.get(feed)).json()
+                turns[:] = body["turns"]
+                return any(t["role"] == "bot" and "ZIP code" in t["text"] for t in turns) and any(
+                    t["role"] == "caller" for t in turns
+                )
+
+            await _wait_for_async(fetch_turns, timeout=30)
+            assert [t["n"] for t in turns] == list(range(len(turns)))
+            assert turns[0]["role"] == "bot" and turns[0]["text"].startswith("Thanks for calling")
+            said = next(t["text"] for t in turns if t["role"] == "caller")
+            assert said.startswith("Hi, this is James") and "[date]" in said
+            assert "1979" not in said
+            newer = (await http.get(feed, params={"after": len(turns)})).json()
+            assert newer["turns"] == [] and newer["finished"] is False
         finally:
             await browser.close()
             await http.aclose()
         rows = agent.query("SELECT * FROM calls WHERE call_sid LIKE 'webrtc-%%'")
         assert len(rows) == 1 and rows[0]["verified"] is not True
+        assert rows[0]["call_sid"] == call_sid
 
 
 async def _wait_for(predicate, timeout: float) -> None:  # noqa: ASYNC109
     from tests.fakes._util import wait_until
 
     await wait_until(predicate, timeout)
+
+
+async def _wait_for_async(check, timeout: float) -> None:  # noqa: ASYNC109
+    """Wait until the coroutine function ``check`` returns True (polled every 0.2 s)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.2)
 
 
 # --- Fuzz: odd requests are a 4xx, never a 5xx ---------------------------------------
@@ -474,6 +692,7 @@ start_bodies = st.fixed_dictionaries(
     optional={
         "body": json_values | st.fixed_dictionaries({"caller": json_values | odd_text}),
         "caller": json_values | odd_text,
+        "customer_id": json_values | st.integers(-(2**70), 2**70) | st.integers(1, 12),
         "transport": json_values,
     },
 )

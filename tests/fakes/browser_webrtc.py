@@ -1,5 +1,6 @@
 """A fake browser for the WebRTC test page: an aiortc peer that talks to the server's
-``/start`` + ``/sessions/{id}/api/offer`` routes like Pipecat's prebuilt UI does.
+``/start`` + ``/sessions/{id}/api/offer`` routes like the page's script
+(``api/static/dev_page.js``) does.
 
 It sends a microphone track (silence, or queued speech-like PCM) and records the audio the
 bot sends back.
@@ -101,7 +102,7 @@ class FakeBrowser:
                     self.bot_audio_frames += 1
 
     async def call(self, start_body: dict[str, Any] | None = None) -> httpx.Response:
-        """``POST /start`` then the SDP offer, like the prebuilt UI.
+        """``POST /start`` then the SDP offer, like the test page.
 
         Returns:
             The offer's response (the SDP answer when 200).
