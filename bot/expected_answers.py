@@ -18,7 +18,14 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 
-__all__ = ["AnswerKind", "expected_answers", "is_complete_answer", "words_to_digits"]
+__all__ = [
+    "AnswerKind",
+    "AnswerState",
+    "answer_state",
+    "expected_answers",
+    "is_complete_answer",
+    "words_to_digits",
+]
 
 
 class AnswerKind(StrEnum):
@@ -226,46 +233,76 @@ def _digits(tokens: list[str]) -> str:
     return "".join(t for t in tokens if t.isdigit())
 
 
-def is_complete_answer(text: str, kinds: frozenset[AnswerKind]) -> bool:
-    """Whether ``text`` already holds a complete answer of one of ``kinds``.
+class AnswerState(StrEnum):
+    """How far the caller's words answer what the bot asked."""
+
+    COMPLETE = "complete"  # a whole answer: end the turn now
+    PARTIAL = "partial"  # the start of one ("April twelfth"): wait for the rest
+    UNKNOWN = "unknown"  # neither, or ambiguous: leave it to the turn model
+
+
+def answer_state(text: str, kinds: frozenset[AnswerKind]) -> AnswerState:
+    """How far ``text`` answers one of ``kinds``.
 
     Args:
         text: The caller's words in this turn so far.
         kinds: What the bot asked for (:func:`expected_answers`).
 
     Returns:
-        True when the words answer in full (a date with day, month and year; five digits
-        of a ZIP code; four characters of a VIN; a day, a time or a pick among offered
-        slots; a yes or no). A partial answer ("April twelfth", "six oh six") is False.
+        COMPLETE when the words answer in full (a date with day, month and year; five
+        digits of a ZIP code; four characters of a VIN; a day, a time or a pick among
+        offered slots; a yes or no); PARTIAL when they are the start of such an answer
+        ("April twelfth", "six oh six") and nothing else; UNKNOWN otherwise, and when one
+        kind is complete while another is still partial (four digits when both a ZIP code
+        and a VIN's last four were asked for).
     """
     text = text.strip().lower()
     if not text or not kinds:
-        return False
+        return AnswerState.UNKNOWN
     tokens = words_to_digits(text)
+    states = {_state(kind, text, tokens) for kind in kinds}
+    if AnswerState.COMPLETE in states:
+        return AnswerState.UNKNOWN if AnswerState.PARTIAL in states else AnswerState.COMPLETE
+    if AnswerState.PARTIAL in states:
+        return AnswerState.PARTIAL
+    return AnswerState.UNKNOWN
+
+
+def is_complete_answer(text: str, kinds: frozenset[AnswerKind]) -> bool:
+    """Whether ``text`` already holds a complete answer (:func:`answer_state` COMPLETE)."""
+    return answer_state(text, kinds) is AnswerState.COMPLETE
+
+
+def _state(kind: AnswerKind, text: str, tokens: list[str]) -> AnswerState:
     digits = _digits(tokens)
     # A month name means a date is being read: its digits are no ZIP code or VIN.
     reading_a_date = any(t in _MONTHS and t not in ("may", "mar") for t in tokens)
-    for kind in kinds:
-        if kind is AnswerKind.DATE_OF_BIRTH:
-            numeric = re.search(r"\b\d{1,2}[/-]\d{1,2}[/-]\d{4}\b", text)
-            if numeric or _has_date_of_birth(tokens):
-                return True
-        elif kind is AnswerKind.ZIP_CODE:
-            if len(digits) in (5, 9) and not reading_a_date:
-                return True
-        elif kind is AnswerKind.VIN_LAST4:
-            letters = [t for t in tokens if len(t) == 1 and t.isalpha() and t not in ("a", "o")]
-            if reading_a_date:
-                continue
-            if len(digits) == 4 or (len(digits) + len(letters) == 4 and len(digits) >= 2):
-                return True
-        elif kind is AnswerKind.TIME_CHOICE:
-            spoken = " ".join(tokens)
-            if _WEEKDAYS.search(text) or _CLOCK.search(spoken) or _PICK.search(text):
-                return True
-            if _YES_NO.match(text):
-                return True
-        elif kind is AnswerKind.YES_NO:
-            if _YES_NO.match(text) and len(tokens) <= 6:
-                return True
-    return False
+    if kind is AnswerKind.DATE_OF_BIRTH:
+        if re.search(r"\b\d{1,2}[/-]\d{1,2}[/-]\d{4}\b", text) or _has_date_of_birth(tokens):
+            return AnswerState.COMPLETE
+        numbers = [t for t in tokens if t.isdigit()]
+        # "April twelfth", "four twelve": a month, or a month and a day, so far.
+        if reading_a_date or (0 < len(numbers) <= 2 and all(len(n) <= 2 for n in numbers)):
+            return AnswerState.PARTIAL
+    elif kind is AnswerKind.ZIP_CODE and not reading_a_date:
+        if len(digits) in (5, 9):
+            return AnswerState.COMPLETE
+        if 1 <= len(digits) <= 8:
+            return AnswerState.PARTIAL
+    elif kind is AnswerKind.VIN_LAST4 and not reading_a_date:
+        letters = [t for t in tokens if len(t) == 1 and t.isalpha() and t not in ("a", "o", "i")]
+        heard = len(digits) + len(letters)
+        if len(digits) == 4 or (heard == 4 and len(digits) >= 2):
+            return AnswerState.COMPLETE
+        if 1 <= heard <= 3 and digits:
+            return AnswerState.PARTIAL
+    elif kind is AnswerKind.TIME_CHOICE:
+        spoken = " ".join(tokens)
+        if _WEEKDAYS.search(text) or _CLOCK.search(spoken) or _PICK.search(text):
+            return AnswerState.COMPLETE
+        if _YES_NO.match(text):
+            return AnswerState.COMPLETE
+    elif kind is AnswerKind.YES_NO:
+        if _YES_NO.match(text) and len(tokens) <= 6:
+            return AnswerState.COMPLETE
+    return AnswerState.UNKNOWN

@@ -5,8 +5,9 @@ unfinished often enough that the bot waits out its long fallback in silence. Whe
 bot's last utterance asked for a date of birth, a ZIP code, the last four of a VIN, a
 time among offered slots or a yes/no (:mod:`bot.expected_answers`), and the caller's
 transcript already parses as a complete answer, :class:`ExpectedAnswerUserTurnStopStrategy`
-ends the turn at once; a partial answer ("April twelfth...") keeps smart-turn's verdict
-and its longer wait. On every other turn it is Pipecat's
+ends the turn at once. A partial answer ("April twelfth...") gets the longer wait: the
+turn stays open for the rest even when smart-turn judged it complete, which would cut a
+caller reading digits in groups. On every other turn it is Pipecat's
 :class:`~pipecat.turns.user_stop.TurnAnalyzerUserTurnStopStrategy`, unchanged.
 
 The early stop only ever happens after the VAD has reported the caller silent and with a
@@ -16,6 +17,8 @@ who is still speaking.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 
 from loguru import logger
@@ -25,9 +28,13 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 
-from bot.expected_answers import AnswerKind, expected_answers, is_complete_answer
+from bot.expected_answers import AnswerKind, AnswerState, answer_state, expected_answers
 
-__all__ = ["ExpectedAnswerUserTurnStopStrategy", "last_bot_utterance"]
+__all__ = [
+    "PARTIAL_ANSWER_HOLD_SECS",
+    "ExpectedAnswerUserTurnStopStrategy",
+    "last_bot_utterance",
+]
 
 
 def last_bot_utterance(context: LLMContext) -> str:
@@ -48,11 +55,27 @@ def last_bot_utterance(context: LLMContext) -> str:
     return ""
 
 
-class ExpectedAnswerUserTurnStopStrategy(TurnAnalyzerUserTurnStopStrategy):
-    """Pipecat's turn-analyzer stop strategy, ending at once on a complete expected answer.
+#: How long after the VAD's stop a partial answer ("April twelfth") holds the turn open
+#: for the rest, even when the turn model judged it complete (caller pauses between the
+#: groups of a number are mostly under a second).
+PARTIAL_ANSWER_HOLD_SECS = 1.0
 
-    Event handlers and frames are those of the parent class. ``early_stops`` counts the
-    turns this strategy ended before the turn analyzer would have.
+
+class ExpectedAnswerUserTurnStopStrategy(TurnAnalyzerUserTurnStopStrategy):
+    """Pipecat's turn-analyzer stop strategy, knowing what answer the bot asked for.
+
+    When the bot's last utterance asked for a date of birth, ZIP code, VIN last four, a
+    time or a yes/no, and the caller is silent (VAD stop) with a transcript in hand:
+
+    * a complete answer ends the turn at once, whatever the turn model says;
+    * a partial answer ("April twelfth", "six oh six") keeps the turn open for
+      :data:`PARTIAL_ANSWER_HOLD_SECS` even when the turn model judged it complete, so a
+      caller reading digits in groups is not cut off between them; if nothing more
+      comes, the turn ends then.
+
+    On every other turn it is Pipecat's strategy, unchanged. Event handlers and frames are
+    those of the parent class. ``early_stops`` and ``holds`` count the turns this strategy
+    ended early and the partial answers it held open.
     """
 
     def __init__(
@@ -60,6 +83,7 @@ class ExpectedAnswerUserTurnStopStrategy(TurnAnalyzerUserTurnStopStrategy):
         *,
         turn_analyzer: BaseTurnAnalyzer,
         expected: Callable[[], frozenset[AnswerKind]],
+        partial_hold_secs: float = PARTIAL_ANSWER_HOLD_SECS,
         **kwargs,
     ) -> None:
         """Build the strategy.
@@ -68,12 +92,18 @@ class ExpectedAnswerUserTurnStopStrategy(TurnAnalyzerUserTurnStopStrategy):
             turn_analyzer: The per-call smart-turn analyzer.
             expected: Returns what the bot's last utterance asked for; called when the
                 caller stops speaking (cheap: a few regular expressions).
+            partial_hold_secs: How long a partial answer holds the turn open.
             **kwargs: Passed to :class:`TurnAnalyzerUserTurnStopStrategy`.
         """
         super().__init__(turn_analyzer=turn_analyzer, **kwargs)
         self._expected = expected
+        self._partial_hold_secs = partial_hold_secs
         self._heard: list[str] = []
+        self._hold_task: asyncio.Task | None = None
+        self._hold_expired = False
+        self._silent_since = 0.0
         self.early_stops = 0
+        self.holds = 0
 
     @classmethod
     def for_context(
@@ -85,30 +115,96 @@ class ExpectedAnswerUserTurnStopStrategy(TurnAnalyzerUserTurnStopStrategy):
             expected=lambda: expected_answers(last_bot_utterance(context)),
         )
 
+    @property
+    def silent_since(self) -> float:
+        """Monotonic time of the caller's last VAD stop (0.0 before the first)."""
+        return self._silent_since
+
     async def _reset(self) -> None:
         await super()._reset()
         self._heard = []
 
+    async def _discard_pending_end_of_turn(self) -> None:
+        # Runs at turn boundaries and whenever the caller speaks again.
+        await super()._discard_pending_end_of_turn()
+        await self._cancel_hold()
+        self._hold_expired = False
+
+    async def cleanup(self) -> None:
+        """Stop the hold timer with the strategy."""
+        await self._cancel_hold()
+        await super().cleanup()
+
     async def process_frame(self, frame: Frame) -> ProcessFrameResult:
-        """Let Pipecat's strategy judge the frame, then check for a complete answer."""
-        result = await super().process_frame(frame)
+        """Note the caller's words, let Pipecat's strategy judge the frame, then check for
+        a complete answer."""
         if isinstance(frame, TranscriptionFrame) and frame.text.strip():
             self._heard.append(frame.text.strip())
-            await self._complete_if_answered()
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            self._silent_since = time.monotonic()
+        result = await super().process_frame(frame)
+        if isinstance(frame, (TranscriptionFrame, VADUserStoppedSpeakingFrame)):
             await self._complete_if_answered()
         return result
+
+    async def trigger_user_turn_stopped(
+        self, *, enable_user_speaking_frames: bool | None = None
+    ) -> None:
+        """End the turn, unless the caller is midway through an answer the bot asked for."""
+        if self._holding_for_the_rest():
+            return
+        await self._cancel_hold()
+        await super().trigger_user_turn_stopped(
+            enable_user_speaking_frames=enable_user_speaking_frames
+        )
+
+    def _state(self) -> AnswerState:
+        if not self._heard:
+            return AnswerState.UNKNOWN
+        return answer_state(" ".join(self._heard), self._expected())
 
     async def _complete_if_answered(self) -> None:
         """Mark the turn complete when the caller is silent and has answered in full."""
         if self._turn_complete or self._vad_user_speaking or not self._vad_stopped:
             return
-        if not self._heard:
-            return
-        kinds = self._expected()
-        if not kinds or not is_complete_answer(" ".join(self._heard), kinds):
+        if self._state() is not AnswerState.COMPLETE:
             return
         self.early_stops += 1
-        logger.debug(f"{self}: complete {'/'.join(sorted(kinds))} answer, ending the turn")
+        logger.debug(f"{self}: complete answer, ending the turn")
         self._turn_complete = True
         await self._maybe_trigger_user_turn_stopped()
+
+    def _holding_for_the_rest(self) -> bool:
+        """Whether a partial answer holds the turn open (arming the hold the first time)."""
+        if self._hold_expired or self._vad_user_speaking:
+            return False
+        if self._state() is not AnswerState.PARTIAL:
+            return False
+        # The hold counts from the caller going silent: a turn that smart-turn already
+        # kept open that long is not held again.
+        left = self._silent_since + self._partial_hold_secs - time.monotonic()
+        if left <= 0:
+            return False
+        if self._hold_task is None:
+            self.holds += 1
+            logger.debug(f"{self}: partial answer, holding the turn for the rest")
+            self._hold_task = self.task_manager.create_task(
+                self._hold_then_stop(left), f"{self}::_hold_then_stop"
+            )
+        return True
+
+    async def _hold_then_stop(self, secs: float) -> None:
+        """After the hold, end the turn on what was said (the caller said no more)."""
+        try:
+            await asyncio.sleep(secs)
+        except asyncio.CancelledError:
+            return
+        self._hold_task = None
+        self._hold_expired = True
+        if self._turn_complete and not self._vad_user_speaking:
+            await self.trigger_user_turn_stopped()
+
+    async def _cancel_hold(self) -> None:
+        if self._hold_task is not None:
+            task, self._hold_task = self._hold_task, None
+            await self.task_manager.cancel_task(task)

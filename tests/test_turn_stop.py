@@ -30,7 +30,14 @@ from pipecat.processors.aggregators.llm_response_universal import (
 from pipecat.tests.utils import SleepFrame, run_test
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
-from bot.expected_answers import AnswerKind, expected_answers, is_complete_answer, words_to_digits
+from bot.expected_answers import (
+    AnswerKind,
+    AnswerState,
+    answer_state,
+    expected_answers,
+    is_complete_answer,
+    words_to_digits,
+)
 from bot.turn_stop import ExpectedAnswerUserTurnStopStrategy, last_bot_utterance
 
 DOB = frozenset({AnswerKind.DATE_OF_BIRTH})
@@ -39,6 +46,8 @@ ASK_DOB = "Thanks. To verify, could you tell me your date of birth?"
 
 class UnsureTurnAnalyzer(BaseTurnAnalyzer):
     """A turn analyzer that never judges a turn complete (smart-turn on a spoken date)."""
+
+    verdict = EndOfTurnState.INCOMPLETE
 
     def __init__(self) -> None:
         super().__init__(sample_rate=8000)
@@ -56,21 +65,28 @@ class UnsureTurnAnalyzer(BaseTurnAnalyzer):
         return EndOfTurnState.INCOMPLETE
 
     async def analyze_end_of_turn(self) -> tuple[EndOfTurnState, None]:
-        return EndOfTurnState.INCOMPLETE, None
+        return self.verdict, None
 
     def clear(self) -> None:
         self.cleared += 1
 
 
+class SureTurnAnalyzer(UnsureTurnAnalyzer):
+    """A turn analyzer that judges every pause the end of the turn (smart-turn on a
+    caller pausing between the groups of a number)."""
+
+    verdict = EndOfTurnState.COMPLETE
+
+
 class Turn:
     """The aggregator under test, its strategy, and when the caller's turn ended."""
 
-    def __init__(self, bot_said: str | None) -> None:
+    def __init__(self, bot_said: str | None, *, analyzer: BaseTurnAnalyzer | None = None) -> None:
         context = LLMContext()
         if bot_said is not None:
             context.add_message({"role": "assistant", "content": bot_said})
         self.strategy = ExpectedAnswerUserTurnStopStrategy.for_context(
-            turn_analyzer=UnsureTurnAnalyzer(), context=context
+            turn_analyzer=analyzer or UnsureTurnAnalyzer(), context=context
         )
         self.aggregator = LLMUserAggregator(
             context,
@@ -79,41 +95,39 @@ class Turn:
                 user_turn_stop_timeout=5.0,
             ),
         )
-        self.silent_at: float | None = None
         self.stopped_at: float | None = None
 
         @self.aggregator.event_handler("on_user_turn_stopped")
         async def stopped(*args: object) -> None:
             self.stopped_at = self.stopped_at or time.monotonic()
 
-    async def run(self, *texts: str, still_speaking: bool = False) -> list[Frame]:
-        """The caller says ``texts`` (then goes silent unless ``still_speaking``); 0.3 s pass."""
-        turn = self
+    async def run(
+        self, *texts: str, still_speaking: bool = False, then_wait: float = 0.3
+    ) -> list[Frame]:
+        """The caller says ``texts`` (then goes silent unless ``still_speaking``); then
+        ``then_wait`` seconds pass."""
         frames: list[Frame] = [VADUserStartedSpeakingFrame(start_secs=0.2, timestamp=time.time())]
         frames += [
             TranscriptionFrame(text=t, user_id="caller", timestamp="now", finalized=True)
             for t in texts
         ]
         if not still_speaking:
-            frames.append(_Silent(turn))
-        frames.append(SleepFrame(sleep=0.3))
+            frames.append(VADUserStoppedSpeakingFrame(stop_secs=0.2, timestamp=time.time()))
+        frames.append(SleepFrame(sleep=then_wait))
         down, _ = await run_test(self.aggregator, frames_to_send=frames)
         return list(down)
 
     @property
     def ended_on_the_words(self) -> bool:
         """The turn ended within 0.2 s of the caller going silent (not at the pipeline end)."""
-        if self.stopped_at is None or self.silent_at is None:
+        if self.stopped_at is None or not self.silent_at:
             return False
         return self.stopped_at - self.silent_at < 0.2
 
-
-class _Silent(VADUserStoppedSpeakingFrame):
-    """The VAD's stop, noting when it was sent."""
-
-    def __init__(self, turn: Turn) -> None:
-        super().__init__(stop_secs=0.2, timestamp=time.time())
-        turn.silent_at = time.monotonic()
+    @property
+    def silent_at(self) -> float:
+        """When the strategy saw the caller's last VAD stop."""
+        return self.strategy.silent_since
 
 
 async def test_complete_date_of_birth_ends_the_turn_at_once() -> None:
@@ -151,6 +165,47 @@ async def test_no_early_stop_while_the_caller_is_still_speaking() -> None:
     await turn.run("April 12, 1985", still_speaking=True)
     assert not turn.ended_on_the_words
     assert turn.strategy.early_stops == 0
+
+
+async def test_partial_answer_is_held_open_even_when_smart_turn_says_complete() -> None:
+    turn = Turn(ASK_DOB, analyzer=SureTurnAnalyzer())
+    await turn.run("April twelfth")
+    assert not turn.ended_on_the_words
+    assert turn.strategy.holds == 1
+
+
+async def test_held_partial_answer_ends_after_the_hold_when_nothing_more_comes() -> None:
+    turn = Turn(ASK_DOB, analyzer=SureTurnAnalyzer())
+    await turn.run("April twelfth", then_wait=1.4)
+    assert turn.stopped_at is not None and turn.silent_at
+    assert 0.9 <= turn.stopped_at - turn.silent_at < 1.3
+
+
+async def test_caller_finishing_the_number_after_a_pause_is_one_turn() -> None:
+    turn = Turn("And the ZIP code on the account?", analyzer=SureTurnAnalyzer())
+    frames: list[Frame] = [
+        VADUserStartedSpeakingFrame(start_secs=0.2, timestamp=time.time()),
+        TranscriptionFrame(text="six oh six,", user_id="c", timestamp="now", finalized=True),
+        VADUserStoppedSpeakingFrame(stop_secs=0.2, timestamp=time.time()),
+        SleepFrame(sleep=0.4),
+        VADUserStartedSpeakingFrame(start_secs=0.2, timestamp=time.time()),
+        TranscriptionFrame(text="one four.", user_id="c", timestamp="now", finalized=True),
+        VADUserStoppedSpeakingFrame(stop_secs=0.2, timestamp=time.time()),
+        SleepFrame(sleep=0.3),
+    ]
+    down, _ = await run_test(turn.aggregator, frames_to_send=frames)
+    contexts = [f for f in down if isinstance(f, LLMContextFrame)]
+    assert len(contexts) == 1
+    assert contexts[0].context.get_messages()[-1]["content"] == "six oh six, one four."
+    assert turn.ended_on_the_words
+    assert turn.strategy.holds == 1
+
+
+async def test_smart_turns_complete_verdict_stands_on_other_turns() -> None:
+    turn = Turn("How can I help you today?", analyzer=SureTurnAnalyzer())
+    await turn.run("I need an oil change")
+    assert turn.ended_on_the_words
+    assert turn.strategy.holds == 0
 
 
 @pytest.mark.parametrize(
@@ -193,6 +248,22 @@ def test_last_bot_utterance_skips_tool_call_messages() -> None:
 )
 def test_date_of_birth_parses(text: str, complete: bool) -> None:
     assert is_complete_answer(text, DOB) is complete
+
+
+@pytest.mark.parametrize(
+    ("text", "state"),
+    [
+        ("April twelfth", AnswerState.PARTIAL),
+        ("six oh six", AnswerState.PARTIAL),
+        ("six oh six one four", AnswerState.COMPLETE),
+        ("April 12, 1985", AnswerState.COMPLETE),
+        ("one two three four", AnswerState.UNKNOWN),  # a VIN's four, or most of a ZIP
+        ("I don't remember", AnswerState.UNKNOWN),
+    ],
+)
+def test_answer_state_when_any_factor_was_asked(text: str, state: AnswerState) -> None:
+    kinds = expected_answers("Your date of birth, ZIP code, or the last four of your VIN?")
+    assert answer_state(text, kinds) is state
 
 
 def test_partial_date_is_not_taken_for_a_vin_or_zip() -> None:
