@@ -17,22 +17,38 @@ fakes, twice per run:
 Voice-to-voice is measured at the phone: caller's last audio frame sent to the first voiced
 bot audio frame received. The table also shows the server's own per-turn breakdown (from
 the ``calls`` row). Writes ``benchmarks/results/voice_to_voice.json``.
+
+``--turn-kinds`` measures instead, per kind of caller turn, this project against a
+reference bot assembled as Pipecat's ``twilio-chatbot`` example does
+(``benchmarks/reference_bot.py``), both as servers in subprocesses on the same fakes with
+the issue's cloud-like delays (STT final 250 ms, LLM first token 400 ms, TTS first byte
+150 ms). Each call replays the caller corpus (``tests/fakes/caller_corpus.py``: espeak-ng
+speech with mid-sentence pauses, trailing "um", numbers read in groups, one-word answers),
+each utterance after the bot question that leads to it. Per kind: phone voice-to-voice
+p50/p95 (the caller's last audio frame to the first bot audio), overhead (that minus the
+800 ms the fakes add), false turn-ends (the server asked the LLM for a reply while the
+caller was still in the middle of the utterance) and dead air (no bot audio within
+1.5 s). Writes ``benchmarks/results/turn_kinds.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -43,10 +59,29 @@ from core.profile import load_profile  # noqa: E402
 from core.settings import DEFAULT_PROFILE  # noqa: E402
 from seeding import seed  # noqa: E402
 from tests.fakes.audio import speech_ulaw  # noqa: E402
+from tests.fakes.caller_corpus import (  # noqa: E402
+    CORPUS,
+    corpus_replies,
+    ensure_speech_tools,
+    replay_corpus,
+    utterance_audio,
+)
 from tests.fakes.deepgram_stt import FakeDeepgramSTT  # noqa: E402
 from tests.fakes.deepgram_tts import FakeDeepgramTTS  # noqa: E402
-from tests.fakes.openai_chat import FakeOpenAI  # noqa: E402
-from tests.harness import BOOKING_UTTERANCES, booking_script, running_agent  # noqa: E402
+from tests.fakes.openai_chat import (  # noqa: E402
+    FakeOpenAI,
+)
+from tests.fakes.twilio_media import TwilioMediaClient, new_sid  # noqa: E402
+from tests.fakes.twilio_rest import FakeTwilioREST  # noqa: E402
+from tests.harness import (  # noqa: E402
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    BOOKING_UTTERANCES,
+    booking_script,
+    parse_stream_twiml,
+    running_agent,
+    sign,
+)
 
 PROFILES = {
     "zero": {"stt_final": 0.0, "llm_first_token": 0.0, "tts_first_byte": 0.0},
@@ -83,7 +118,13 @@ async def one_call(database_url: str, redis_url: str, delays: dict[str, float]) 
 async def main() -> int:
     parser = argparse.ArgumentParser(description="voice-to-voice latency benchmark")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument(
+        "--turn-kinds", action="store_true", help="per turn kind, against the reference bot"
+    )
+    parser.add_argument("--targets", default="ours,reference")
     args = parser.parse_args()
+    if args.turn_kinds:
+        return await turn_kinds_main(runs=args.runs, targets=args.targets.split(","))
 
     admin_url = os.environ.get("DATABASE_URL")
     redis_url = os.environ.get("REDIS_URL")
@@ -179,6 +220,200 @@ async def main() -> int:
     out = ROOT / "benchmarks" / "results" / "voice_to_voice.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+# -- turn kinds, against the reference -----------------------------------------------------
+
+TURN_DELAYS = {"stt_final": 0.25, "llm_first_token": 0.40, "tts_first_byte": 0.15}
+DEAD_AIR_SECS = 1.5
+
+
+@dataclass
+class TurnSample:
+    """One caller utterance of one call, measured at the phone."""
+
+    target: str
+    kind: str
+    v2v: float | None
+    false_turn_end: bool
+    endpointing: float | None = None
+
+
+async def corpus_call(server: Any, target: str, stt: Any, llm: Any) -> list[TurnSample]:
+    """One call replaying the corpus against ``server``; the samples of its utterances."""
+    call_sid = new_sid("CA")
+    form = {
+        "CallSid": call_sid,
+        "AccountSid": ACCOUNT_SID,
+        "From": "+15555550100",
+        "To": "+15555550199",
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+    }
+    url = server.base_url + "/twilio/voice"
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.post(
+            url, data=form, headers={"X-Twilio-Signature": sign(url, form, AUTH_TOKEN)}
+        )
+    response.raise_for_status()
+    stream_url, params = parse_stream_twiml(response.text)
+    client = TwilioMediaClient(
+        stream_url, call_sid=call_sid, account_sid=ACCOUNT_SID, custom_parameters=params
+    )
+    stt.script([part for utterance in CORPUS for part in utterance.parts])
+    try:
+        await client.connect()
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=60)
+        await client.wait_for_bot_silence(silence_secs=0.7, timeout=60)
+        turns = await replay_corpus(client, llm_request_times=llm.request_times)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.hang_up()
+        await client.close()
+    return [
+        TurnSample(target=target, kind=t.kind, v2v=t.v2v, false_turn_end=t.false_turn_end)
+        for t in turns
+    ]
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
+    """Run ``runs`` corpus calls per target and print the table per turn kind."""
+    from benchmarks.capacity import ServerUnderTest
+
+    ensure_speech_tools()
+    for utterance in CORPUS:  # synthesize (and cache) before any timing
+        utterance_audio(utterance)
+    tmp = tempfile.TemporaryDirectory(prefix="va-turns-")
+    stack: list[Any] = []
+    admin_url = os.environ.get("DATABASE_URL")
+    redis_url = os.environ.get("REDIS_URL")
+    if not admin_url:
+        from core.embedded import EmbeddedPostgres
+
+        pg = EmbeddedPostgres()
+        await pg.astart(Path(tmp.name) / "pg")
+        stack.append(pg.astop)
+        admin_url = pg.url
+    if not redis_url:
+        from core.embedded import EmbeddedRedis
+
+        rd = EmbeddedRedis()
+        await rd.astart(Path(tmp.name) / "redis")
+        stack.append(rd.astop)
+        redis_url = rd.url
+    name = f"va_turns_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    params = conninfo_to_dict(admin_url)
+    params["dbname"] = name
+    database_url = make_conninfo(**params)
+    profile = load_profile(DEFAULT_PROFILE)
+    samples: list[TurnSample] = []
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    try:
+        today = datetime.now(profile.time_zone).date()
+        await seed(database_url, customers=50, seed=7, anchor_date=today, profile=profile)
+        stt = FakeDeepgramSTT(final_delay=TURN_DELAYS["stt_final"])
+        tts = FakeDeepgramTTS(secs_per_char=0.05, first_byte_delay=TURN_DELAYS["tts_first_byte"])
+        llm = FakeOpenAI(first_token_delay=TURN_DELAYS["llm_first_token"])
+        twilio = FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN)
+        async with stt, tts, llm, twilio:
+            env = {
+                **{
+                    k: v
+                    for k, v in os.environ.items()
+                    if k not in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
+                },
+                "PYTHONPATH": str(ROOT),
+                "DATABASE_URL": database_url,
+                "REDIS_URL": redis_url,
+                "OPENAI_API_KEY": "sk-bench",
+                "OPENAI_BASE_URL": llm.base_url,
+                "DEEPGRAM_API_KEY": "dg-bench",
+                "DEEPGRAM_STT_URL": stt.url,
+                "DEEPGRAM_TTS_URL": tts.url,
+                "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                "TWILIO_PHONE_NUMBER": "+15555550199",
+                "TWILIO_API_BASE_URL": twilio.base_url,
+                "ADMIN_TOKEN": "bench",
+                "HOST": "127.0.0.1",
+                "LOG_LEVEL": "WARNING",
+                "DRAIN_GRACE_SECS": "0",
+                "DRAIN_TIMEOUT_SECS": "5",
+            }
+            for target in targets:
+                server = ServerUnderTest(target, 1, env, results / f"turn-kinds-{target}.log")
+                try:
+                    await server.wait_ready()
+                    for _ in range(runs):
+                        llm.script([corpus_replies] * 200)
+                        samples += await corpus_call(server, target, stt, llm)
+                        llm._script.clear()
+                        await asyncio.sleep(1.0)
+                finally:
+                    server.stop()
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for stop in reversed(stack):
+            await stop()
+        tmp.cleanup()
+
+    injected = sum(TURN_DELAYS.values())
+    rows = []
+    header = (
+        f"{'kind':<20} {'target':<10} {'n':>3} {'v2v p50':>8} {'v2v p95':>8} "
+        f"{'overhead p50':>12} {'false ends':>10} {'dead air':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    kinds = [u.kind for u in CORPUS] + ["all"]
+    for kind in kinds:
+        for target in targets:
+            group = [x for x in samples if x.target == target and (kind == "all" or x.kind == kind)]
+            if not group:
+                continue
+            v2v = [x.v2v for x in group if x.v2v is not None]
+            row = {
+                "kind": kind,
+                "target": target,
+                "n": len(group),
+                "v2v_p50_ms": round(statistics.median(v2v) * 1000) if v2v else None,
+                "v2v_p95_ms": round(_pct(v2v, 95) * 1000) if v2v else None,
+                "overhead_p50_ms": round((statistics.median(v2v) - injected) * 1000)
+                if v2v
+                else None,
+                "false_turn_ends": sum(x.false_turn_end for x in group),
+                "dead_air": sum(x.v2v is None or x.v2v > DEAD_AIR_SECS for x in group),
+            }
+            rows.append(row)
+            print(
+                f"{kind:<20} {target:<10} {row['n']:>3} {row['v2v_p50_ms'] or '-':>8} "
+                f"{row['v2v_p95_ms'] or '-':>8} {row['overhead_p50_ms'] or '-':>12} "
+                f"{row['false_turn_ends']:>10} {row['dead_air']:>8}"
+            )
+    out = results / "turn_kinds.json"
+    out.write_text(
+        json.dumps(
+            {
+                "fake_delays_secs": TURN_DELAYS,
+                "dead_air_secs": DEAD_AIR_SECS,
+                "runs": runs,
+                "rows": rows,
+                "samples": [vars(x) for x in samples],
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out.relative_to(ROOT)}")
     return 0
 
 
