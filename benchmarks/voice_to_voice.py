@@ -121,7 +121,11 @@ async def main() -> int:
     parser.add_argument(
         "--turn-kinds", action="store_true", help="per turn kind, against the reference bot"
     )
-    parser.add_argument("--targets", default="ours,reference")
+    parser.add_argument(
+        "--targets",
+        default="ours,ours-speculative,reference",
+        help="for --turn-kinds: ours, ours-speculative (SPECULATIVE_REPLIES=true), reference",
+    )
     args = parser.parse_args()
     if args.turn_kinds:
         return await turn_kinds_main(runs=args.runs, targets=args.targets.split(","))
@@ -320,7 +324,9 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
     try:
         today = datetime.now(profile.time_zone).date()
         await seed(database_url, customers=50, seed=7, anchor_date=today, profile=profile)
-        stt = FakeDeepgramSTT(final_delay=TURN_DELAYS["stt_final"])
+        # Deepgram's last interim of an utterance comes shortly after the speech ends;
+        # its final only after the Finalize the VAD's stop sends (plus the STT delay).
+        stt = FakeDeepgramSTT(final_delay=TURN_DELAYS["stt_final"], end_interim_delay=0.15)
         tts = FakeDeepgramTTS(secs_per_char=0.05, first_byte_delay=TURN_DELAYS["tts_first_byte"])
         llm = FakeOpenAI(first_token_delay=TURN_DELAYS["llm_first_token"])
         twilio = FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN)
@@ -350,7 +356,11 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
                 "DRAIN_TIMEOUT_SECS": "5",
             }
             for target in targets:
-                server = ServerUnderTest(target, 1, env, results / f"turn-kinds-{target}.log")
+                kind = "reference" if target == "reference" else "ours"
+                extra = {"SPECULATIVE_REPLIES": "true"} if target == "ours-speculative" else {}
+                server = ServerUnderTest(
+                    kind, 1, {**env, **extra}, results / f"turn-kinds-{target}.log"
+                )
                 try:
                     await server.wait_ready()
                     for _ in range(runs):
@@ -370,7 +380,7 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
     injected = sum(TURN_DELAYS.values())
     rows = []
     header = (
-        f"{'kind':<20} {'target':<10} {'n':>3} {'v2v p50':>8} {'v2v p95':>8} "
+        f"{'kind':<20} {'target':<16} {'n':>3} {'v2v p50':>8} {'v2v p95':>8} "
         f"{'overhead p50':>12} {'false ends':>10} {'dead air':>8}"
     )
     print(header)
@@ -396,7 +406,7 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
             }
             rows.append(row)
             print(
-                f"{kind:<20} {target:<10} {row['n']:>3} {row['v2v_p50_ms'] or '-':>8} "
+                f"{kind:<20} {target:<16} {row['n']:>3} {row['v2v_p50_ms'] or '-':>8} "
                 f"{row['v2v_p95_ms'] or '-':>8} {row['overhead_p50_ms'] or '-':>12} "
                 f"{row['false_turn_ends']:>10} {row['dead_air']:>8}"
             )

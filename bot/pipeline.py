@@ -36,7 +36,7 @@ from pipecat.turns.user_turn_strategies import UserTurnStrategies
 from bot.features import CallFeatures, stt_language, tts_voice  # [phone-features hook]
 from bot.flows import CallFlow
 from bot.turn_models import new_turn_analyzer, new_vad_analyzer
-from bot.turn_stop import ExpectedAnswerUserTurnStopStrategy
+from bot.turn_stop import ExpectedAnswerUserTurnStopStrategy, SpeculativeUserTurnStopStrategy
 from core.resources import AppResources
 from processors.barge_in import BargeInUserTurnStartStrategy
 from processors.dead_air import DeadAirGuard
@@ -376,13 +376,17 @@ def _aggregators(resources: AppResources, options: CallOptions) -> LLMContextAgg
         protect_first_utterance=settings.barge_in_protect_disclosure,
     )
     context = LLMContext()
-    stop = (
-        ExpectedAnswerUserTurnStopStrategy.for_context(
+    stop: TurnAnalyzerUserTurnStopStrategy
+    if settings.speculative_replies:
+        stop = SpeculativeUserTurnStopStrategy.for_context(
             turn_analyzer=new_turn_analyzer(), context=context
         )
-        if settings.turn_stop_on_answer
-        else TurnAnalyzerUserTurnStopStrategy(turn_analyzer=new_turn_analyzer())
-    )
+    elif settings.turn_stop_on_answer:
+        stop = ExpectedAnswerUserTurnStopStrategy.for_context(
+            turn_analyzer=new_turn_analyzer(), context=context
+        )
+    else:
+        stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=new_turn_analyzer())
     return LLMContextAggregatorPair(
         context,
         user_params=LLMUserAggregatorParams(

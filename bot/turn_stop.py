@@ -23,16 +23,24 @@ from collections.abc import Callable
 
 from loguru import logger
 from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer
-from pipecat.frames.frames import Frame, TranscriptionFrame, VADUserStoppedSpeakingFrame
+from pipecat.frames.frames import (
+    EagerEndOfTurnCancelFrame,
+    Frame,
+    InterimTranscriptionFrame,
+    TranscriptionFrame,
+    VADUserStoppedSpeakingFrame,
+)
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.turns.types import ProcessFrameResult
-from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
+from pipecat.turns.types import ProcessFrameResult, UserTurnSpeculation
+from pipecat.turns.user_stop import NormalizedMatch, TurnAnalyzerUserTurnStopStrategy
+from pipecat.turns.user_stop.eager_match_policy import EagerMatchPolicy
 
 from bot.expected_answers import AnswerKind, AnswerState, answer_state, expected_answers
 
 __all__ = [
     "PARTIAL_ANSWER_HOLD_SECS",
     "ExpectedAnswerUserTurnStopStrategy",
+    "SpeculativeUserTurnStopStrategy",
     "last_bot_utterance",
 ]
 
@@ -154,6 +162,10 @@ class ExpectedAnswerUserTurnStopStrategy(TurnAnalyzerUserTurnStopStrategy):
         if self._holding_for_the_rest():
             return
         await self._cancel_hold()
+        await self._end_turn(enable_user_speaking_frames=enable_user_speaking_frames)
+
+    async def _end_turn(self, *, enable_user_speaking_frames: bool | None) -> None:
+        """Fire the turn end (inference and finalization), as Pipecat's strategy does."""
         await super().trigger_user_turn_stopped(
             enable_user_speaking_frames=enable_user_speaking_frames
         )
@@ -208,3 +220,105 @@ class ExpectedAnswerUserTurnStopStrategy(TurnAnalyzerUserTurnStopStrategy):
         if self._hold_task is not None:
             task, self._hold_task = self._hold_task, None
             await self.task_manager.cancel_task(task)
+
+
+class SpeculativeUserTurnStopStrategy(ExpectedAnswerUserTurnStopStrategy):
+    """:class:`ExpectedAnswerUserTurnStopStrategy` that starts the reply at the VAD's stop.
+
+    When the VAD reports the caller silent, the words heard so far (finals plus the
+    latest interim) go to the LLM at once, speculatively, while smart-turn and the STT's
+    final transcript are still on their way. Pipecat holds that reply in the LLM service
+    (``SpeculationGate``) until the turn ends: if the committed transcript matches the
+    speculated words (``NormalizedMatch``: case and punctuation aside) the held reply is
+    released and no second inference runs; otherwise (the caller went on, or the final
+    transcript differs) it is withdrawn with ``EagerEndOfTurnCancelFrame`` and never
+    reaches the TTS or the context. A speculative reply that wants a tool is withdrawn by
+    Pipecat too (tools never run speculatively), and the turn is answered normally.
+
+    ``speculations``, ``confirmed`` and ``withdrawn`` count what happened.
+    """
+
+    def __init__(self, *, match_policy: EagerMatchPolicy | None = None, **kwargs) -> None:
+        """Build the strategy.
+
+        Args:
+            match_policy: When a committed transcript still matches the speculated one
+                (default: Pipecat's ``NormalizedMatch``).
+            **kwargs: Passed to :class:`ExpectedAnswerUserTurnStopStrategy`.
+        """
+        super().__init__(**kwargs)
+        self._match_policy = match_policy or NormalizedMatch()
+        self._interim = ""
+        self._speculation: UserTurnSpeculation | None = None
+        self.speculations = 0
+        self.confirmed = 0
+        self.withdrawn = 0
+
+    @classmethod
+    def for_context(
+        cls, *, turn_analyzer: BaseTurnAnalyzer, context: LLMContext
+    ) -> SpeculativeUserTurnStopStrategy:
+        """A strategy that reads the expected answer off the call's LLM context."""
+        return cls(
+            turn_analyzer=turn_analyzer,
+            expected=lambda: expected_answers(last_bot_utterance(context)),
+        )
+
+    async def process_frame(self, frame: Frame) -> ProcessFrameResult:
+        """Track interims, then as the parent; speculate when the caller goes silent."""
+        if isinstance(frame, InterimTranscriptionFrame):
+            self._interim = frame.text.strip()
+        elif isinstance(frame, TranscriptionFrame):
+            self._interim = ""
+        elif isinstance(frame, EagerEndOfTurnCancelFrame):
+            # Withdrawn elsewhere (the LLM service wanted a tool): nothing left to confirm.
+            if self._speculation is not None:
+                self._speculation = None
+                self.withdrawn += 1
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            # Before smart-turn runs (in the parent), so the reply overlaps its verdict.
+            await self._speculate()
+        return await super().process_frame(frame)
+
+    async def _speculate(self) -> None:
+        """Run the reply on the words so far, unless one is already in flight."""
+        if self._speculation is not None:
+            return
+        if self._hold_task is not None or self._state() is AnswerState.PARTIAL:
+            return  # the caller is midway through a number: the reply would be wasted
+        text = " ".join([*self._heard, self._interim]).strip()
+        if not text:
+            return
+        self._speculation = UserTurnSpeculation(text=text)
+        self.speculations += 1
+        logger.debug(f"{self}: speculating at the VAD stop")
+        await self.trigger_user_turn_inference_triggered(speculation=self._speculation)
+
+    async def _end_turn(self, *, enable_user_speaking_frames: bool | None) -> None:
+        speculation, self._speculation = self._speculation, None
+        if speculation is None:
+            await super()._end_turn(enable_user_speaking_frames=enable_user_speaking_frames)
+            return
+        if self._match_policy.matches(speculation.text, " ".join(self._heard)):
+            self.confirmed += 1
+            await self.trigger_user_turn_finalized(
+                enable_user_speaking_frames=enable_user_speaking_frames,
+                confirms_speculation=True,
+            )
+            return
+        self.withdrawn += 1
+        await self.trigger_user_turn_speculation_cancelled()
+        await super()._end_turn(enable_user_speaking_frames=enable_user_speaking_frames)
+
+    async def _discard_pending_end_of_turn(self) -> None:
+        # The caller speaks again (or a turn boundary): a reply in flight answers words
+        # that are no longer the whole turn.
+        await super()._discard_pending_end_of_turn()
+        if self._speculation is not None:
+            self._speculation = None
+            self.withdrawn += 1
+            await self.trigger_user_turn_speculation_cancelled()
+
+    async def _reset(self) -> None:
+        await super()._reset()
+        self._interim = ""

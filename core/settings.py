@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     )
     barge_in_protect_disclosure: bool = Field(default=True, alias="BARGE_IN_PROTECT_DISCLOSURE")
     turn_stop_on_answer: bool = Field(default=True, alias="TURN_STOP_ON_ANSWER")
+    speculative_replies: bool = Field(default=False, alias="SPECULATIVE_REPLIES")
     snapshot_ttl_secs: int = Field(default=86400, alias="SNAPSHOT_TTL_SECS", ge=60)
     snapshot_transcript_turns: int = Field(default=6, alias="SNAPSHOT_TRANSCRIPT_TURNS", ge=0)
 

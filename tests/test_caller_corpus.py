@@ -25,6 +25,8 @@ from tests.fakes.caller_corpus import (
     replay_corpus,
     utterance_audio,
 )
+from tests.fakes.deepgram_stt import FakeDeepgramSTT
+from tests.fakes.deepgram_tts import FakeDeepgramTTS
 from tests.fakes.openai_chat import FakeOpenAI
 from tests.harness import running_agent
 
@@ -78,3 +80,56 @@ async def test_caller_corpus_has_no_false_turn_ends_or_dead_air(
     slow = {k: v for k, v in endpointing.items() if k in ANSWER_KINDS and (v is None or v > 0.4)}
     assert slow == {}, endpointing
     assert by_kind["short_yes"].v2v is not None
+
+
+async def test_speculative_replies_are_never_heard_when_withdrawn(
+    corpus_audio: None, crm_db: str, redis_server_url: str
+) -> None:
+    """With ``SPECULATIVE_REPLIES``, the reply starts at the VAD's stop on the STT's last
+    interim. The mid-sentence pause makes a reply start on half a sentence; it is
+    withdrawn when the caller goes on, and neither the phone (the TTS) nor the context
+    ever gets it, while whole turns are answered by their speculative reply."""
+    utterances = tuple(u for u in CORPUS if u.kind in ("plain", "mid_sentence_pause", "short_day"))
+    stt = FakeDeepgramSTT(final_delay=0.25, end_interim_delay=0.1)
+    tts = FakeDeepgramTTS(secs_per_char=0.01)
+    llm = FakeOpenAI([corpus_replies] * 100, first_token_delay=0.3)
+    async with running_agent(
+        database_url=crm_db,
+        redis_url=redis_server_url,
+        stt=stt,
+        tts=tts,
+        llm=llm,
+        env={"SPECULATIVE_REPLIES": "true"},
+    ) as agent:
+        stt.script([part for utterance in utterances for part in utterance.parts])
+        client = await agent.inbound_call("+15555550123")
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.7, timeout=20)
+        turns = await replay_corpus(
+            client, llm_request_times=llm.request_times, utterances=utterances
+        )
+        await client.hang_up()
+        await agent.wait_for_call_row(client.call_sid)
+
+    assert [t.kind for t in turns if t.v2v is None] == []
+    streamed = [r for r in llm.requests if r.get("stream")]
+    said = [str(r["messages"][-1]["content"]) for r in streamed]
+    wholes = {u.text for u in utterances}
+    halves = [
+        s
+        for s in said
+        if s not in wholes
+        and s.strip().lower() in {p.strip().lower() for u in utterances for p in u.parts}
+    ]
+    # The pause started a reply on half a sentence ("Okay." from the fake) ...
+    assert halves, said
+    # ... which was withdrawn: never sent to the TTS, never in the context.
+    assert not any("Okay." in text for text in tts.texts), tts.texts
+    contexts = [m for r in streamed for m in r["messages"] if m["role"] == "assistant"]
+    assert not any(m.get("content") == "Okay." for m in contexts)
+    # Every whole utterance was answered (by its speculative reply or a fresh one).
+    heard_on_the_phone = " ".join(tts.texts)
+    for index, utterance in enumerate(CORPUS[:-1]):
+        if utterance in utterances:
+            question = CORPUS[index + 1].bot_asks.split(". ")[-1]
+            assert question in heard_on_the_phone, (utterance.kind, tts.texts)

@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer, BaseTurnParams, EndOfTurnState
 from pipecat.frames.frames import (
+    EagerEndOfTurnCancelFrame,
     Frame,
+    InterimTranscriptionFrame,
     LLMContextFrame,
     TranscriptionFrame,
     VADUserStartedSpeakingFrame,
@@ -38,7 +40,11 @@ from bot.expected_answers import (
     is_complete_answer,
     words_to_digits,
 )
-from bot.turn_stop import ExpectedAnswerUserTurnStopStrategy, last_bot_utterance
+from bot.turn_stop import (
+    ExpectedAnswerUserTurnStopStrategy,
+    SpeculativeUserTurnStopStrategy,
+    last_bot_utterance,
+)
 
 DOB = frozenset({AnswerKind.DATE_OF_BIRTH})
 ASK_DOB = "Thanks. To verify, could you tell me your date of birth?"
@@ -299,3 +305,130 @@ def test_parser_takes_any_text(text: str) -> None:
     for kind in AnswerKind:
         assert is_complete_answer(text, frozenset({kind})) in (True, False)
     assert kinds <= set(AnswerKind)
+
+
+# --- speculative replies at the VAD stop ---------------------------------------------------
+
+
+class SpeculativeTurn(Turn):
+    """:class:`Turn` with :class:`SpeculativeUserTurnStopStrategy`."""
+
+    def __init__(self, bot_said: str | None, *, analyzer: BaseTurnAnalyzer | None = None) -> None:
+        super().__init__(bot_said, analyzer=analyzer)
+        context = self.aggregator.context
+        self.strategy = SpeculativeUserTurnStopStrategy.for_context(
+            turn_analyzer=analyzer or SureTurnAnalyzer(), context=context
+        )
+        self.aggregator = LLMUserAggregator(
+            context,
+            params=LLMUserAggregatorParams(
+                user_turn_strategies=UserTurnStrategies(stop=[self.strategy]),
+                user_turn_stop_timeout=5.0,
+            ),
+        )
+
+        @self.aggregator.event_handler("on_user_turn_stopped")
+        async def stopped(*args: object) -> None:
+            self.stopped_at = self.stopped_at or time.monotonic()
+
+
+def _interim(text: str) -> InterimTranscriptionFrame:
+    return InterimTranscriptionFrame(text=text, user_id="caller", timestamp="now")
+
+
+def _final(text: str) -> TranscriptionFrame:
+    return TranscriptionFrame(text=text, user_id="caller", timestamp="now", finalized=True)
+
+
+def _speaks() -> VADUserStartedSpeakingFrame:
+    return VADUserStartedSpeakingFrame(start_secs=0.2, timestamp=time.time())
+
+
+def _silent() -> VADUserStoppedSpeakingFrame:
+    return VADUserStoppedSpeakingFrame(stop_secs=0.2, timestamp=time.time())
+
+
+def _inferences(down: list[Frame]) -> list[LLMContextFrame]:
+    return [f for f in down if isinstance(f, LLMContextFrame)]
+
+
+async def test_reply_starts_at_the_vad_stop_and_the_matching_final_confirms_it() -> None:
+    turn = SpeculativeTurn("How can I help you today?")
+    frames: list[Frame] = [
+        _speaks(),
+        _interim("i need an oil change"),
+        SleepFrame(sleep=0.05),  # system frames (the VAD's) overtake queued ones
+        _silent(),
+        SleepFrame(sleep=0.1),
+        _final("I need an oil change."),
+        SleepFrame(sleep=0.2),
+    ]
+    down, _ = await run_test(turn.aggregator, frames_to_send=frames)
+    inferences = _inferences(list(down))
+    # One inference only, the speculative one, on the interim's words, before the final.
+    assert [f.speculation for f in inferences] == [True]
+    assert inferences[0].context.get_messages()[-1]["content"] == "i need an oil change"
+    assert (turn.strategy.speculations, turn.strategy.confirmed) == (1, 1)
+    assert not any(isinstance(f, EagerEndOfTurnCancelFrame) for f in down)
+    # The context records the committed transcript, not the interim.
+    assert turn.aggregator.context.get_messages()[-1] == {
+        "role": "user",
+        "content": "I need an oil change.",
+    }
+
+
+async def test_caller_going_on_withdraws_the_reply_and_the_turn_is_answered_whole() -> None:
+    turn = SpeculativeTurn("What's going on with the car?", analyzer=UnsureTurnAnalyzer())
+    frames: list[Frame] = [
+        _speaks(),
+        _interim("it makes a noise when i"),
+        SleepFrame(sleep=0.05),
+        _silent(),
+        SleepFrame(sleep=0.1),
+        _speaks(),
+        _final("It makes a noise when I press the brakes."),
+        SleepFrame(sleep=0.1),
+    ]
+    down, up = await run_test(turn.aggregator, frames_to_send=frames)
+    cancels = [f for f in [*down, *up] if isinstance(f, EagerEndOfTurnCancelFrame)]
+    assert cancels, "the speculative reply was never withdrawn"
+    assert (turn.strategy.speculations, turn.strategy.withdrawn) == (1, 1)
+    # The speculated words never became a turn of their own in the context.
+    users = [m["content"] for m in turn.aggregator.context.get_messages() if m["role"] == "user"]
+    assert "it makes a noise when i" not in users
+    assert users in ([], ["It makes a noise when I press the brakes."])
+
+
+async def test_different_final_withdraws_the_reply_and_runs_a_fresh_one() -> None:
+    turn = SpeculativeTurn("How can I help you today?")
+    frames: list[Frame] = [
+        _speaks(),
+        _interim("i need an oil"),
+        SleepFrame(sleep=0.05),
+        _silent(),
+        SleepFrame(sleep=0.1),
+        _final("I need an oil change for my Camry."),
+        SleepFrame(sleep=0.2),
+    ]
+    down, up = await run_test(turn.aggregator, frames_to_send=frames)
+    inferences = _inferences(list(down))
+    assert [f.speculation for f in inferences] == [True, False]
+    assert inferences[1].context.get_messages()[-1]["content"] == (
+        "I need an oil change for my Camry."
+    )
+    assert any(isinstance(f, EagerEndOfTurnCancelFrame) for f in [*down, *up])
+    assert (turn.strategy.confirmed, turn.strategy.withdrawn) == (0, 1)
+
+
+async def test_no_speculation_on_a_partial_answer() -> None:
+    turn = SpeculativeTurn(ASK_DOB)
+    frames: list[Frame] = [
+        _speaks(),
+        _final("April twelfth"),
+        SleepFrame(sleep=0.05),
+        _silent(),
+        SleepFrame(sleep=0.2),
+    ]
+    await run_test(turn.aggregator, frames_to_send=frames)
+    assert turn.strategy.speculations == 0
+    assert turn.strategy.holds == 1

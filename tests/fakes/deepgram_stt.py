@@ -49,6 +49,7 @@ class _Burst:
     language: str | None = None
     interim_sent: bool = False
     finalized: bool = False
+    end_interim_sent: bool = False
 
 
 @dataclass
@@ -112,6 +113,7 @@ class FakeDeepgramSTT:
         final_delay: float = 0.0,
         send_vad_events: bool | None = None,
         send_utterance_end: bool | None = None,
+        end_interim_delay: float | None = None,
     ) -> None:
         """Initialises the fake (not started yet).
 
@@ -126,6 +128,10 @@ class FakeDeepgramSTT:
             send_vad_events: Send ``SpeechStarted``; None follows the ``vad_events`` query.
             send_utterance_end: Send ``UtteranceEnd`` after each final; None sends it when
                 the query has ``utterance_end_ms`` (as Deepgram does).
+            end_interim_delay: When set, an interim result with the burst's whole text
+                follows this long (wall time) after its speech ends, unless the burst was
+                finalized first: Deepgram's last interim before it endpoints. None: only
+                the one early interim (``interim_after_secs``).
         """
         self._script: list[str | tuple[str, str]] = list(script or [])
         self.api_key = api_key
@@ -136,6 +142,7 @@ class FakeDeepgramSTT:
         self.final_delay = final_delay
         self.send_vad_events = send_vad_events
         self.send_utterance_end = send_utterance_end
+        self.end_interim_delay = end_interim_delay
         self.url = ""
         self.queries: list[dict[str, list[str]]] = []
         self.audio = bytearray()
@@ -397,6 +404,14 @@ class FakeDeepgramSTT:
                             session, _prefix(text), is_final=False, language=burst.language
                         )
             elif burst is not None:
+                if (
+                    burst.silence == 0.0
+                    and self.end_interim_delay is not None
+                    and not burst.end_interim_sent
+                    and session.q("interim_results", "true") != "false"
+                ):
+                    burst.end_interim_sent = True
+                    self._spawn(self._end_interim(session, burst))
                 burst.silence += FRAME_SECS
                 if burst.silence + 1e-9 >= self.silence_secs:
                     session.burst = None
@@ -465,6 +480,20 @@ class FakeDeepgramSTT:
             task.add_done_callback(self._tasks.discard)
         else:
             await emit()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _end_interim(self, session: _Session, burst: _Burst) -> None:
+        """The burst's whole text as an interim, ``end_interim_delay`` after its speech."""
+        await asyncio.sleep(self.end_interim_delay or 0.0)
+        if burst.finalized:
+            return
+        text = self._burst_text(burst)
+        if text:
+            await self._send_results(session, text, is_final=False, language=burst.language)
 
     def _burst_text(self, burst: _Burst) -> str | None:
         """The scripted transcript of a burst, taken from the script on first use."""
