@@ -26,8 +26,8 @@ the issue's cloud-like delays (STT final 250 ms, LLM first token 400 ms, TTS fir
 speech with mid-sentence pauses, trailing "um", numbers read in groups, one-word answers),
 each utterance after the bot question that leads to it. Per kind: phone voice-to-voice
 p50/p95 (the caller's last audio frame to the first bot audio), overhead (that minus the
-800 ms the fakes add), false turn-ends (the server asked the LLM for a reply while the
-caller was still in the middle of the utterance) and dead air (no bot audio within
+800 ms the fakes add), false turn-ends (an utterance with a pause cut into two turns in
+the LLM context: the bot took the pause for the end) and dead air (no bot audio within
 1.5 s). Writes ``benchmarks/results/turn_kinds.json``.
 """
 
@@ -270,7 +270,7 @@ async def corpus_call(server: Any, target: str, stt: Any, llm: Any) -> list[Turn
         await client.connect()
         await client.wait_for_bot_audio(min_seconds=0.3, timeout=60)
         await client.wait_for_bot_silence(silence_secs=0.7, timeout=60)
-        turns = await replay_corpus(client, llm_request_times=llm.request_times)
+        turns = await replay_corpus(client, llm_requests=llm.requests)
     finally:
         with contextlib.suppress(Exception):
             await client.hang_up()

@@ -284,11 +284,11 @@ class SpeculativeUserTurnStopStrategy(ExpectedAnswerUserTurnStopStrategy):
         """Run the reply on the words so far, unless one is already in flight."""
         if self._speculation is not None:
             return
-        if self._hold_task is not None or self._state() is AnswerState.PARTIAL:
-            return  # the caller is midway through a number: the reply would be wasted
         text = " ".join([*self._heard, self._interim]).strip()
-        if not text:
+        if not text or self._hold_task is not None:
             return
+        if answer_state(text, self._expected()) is AnswerState.PARTIAL:
+            return  # the caller is midway through a number: the reply would be wasted
         self._speculation = UserTurnSpeculation(text=text)
         self.speculations += 1
         logger.debug(f"{self}: speculating at the VAD stop")

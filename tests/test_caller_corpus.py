@@ -59,7 +59,7 @@ async def test_caller_corpus_has_no_false_turn_ends_or_dead_air(
         client = await agent.inbound_call("+15555550123")
         await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
         await client.wait_for_bot_silence(silence_secs=0.7, timeout=20)
-        turns = await replay_corpus(client, llm_request_times=llm.request_times)
+        turns = await replay_corpus(client, llm_requests=llm.requests)
         await client.hang_up()
         row = await agent.wait_for_call_row(client.call_sid)
 
@@ -105,9 +105,7 @@ async def test_speculative_replies_are_never_heard_when_withdrawn(
         client = await agent.inbound_call("+15555550123")
         await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
         await client.wait_for_bot_silence(silence_secs=0.7, timeout=20)
-        turns = await replay_corpus(
-            client, llm_request_times=llm.request_times, utterances=utterances
-        )
+        turns = await replay_corpus(client, llm_requests=llm.requests, utterances=utterances)
         await client.hang_up()
         await agent.wait_for_call_row(client.call_sid)
 

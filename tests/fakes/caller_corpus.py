@@ -20,10 +20,10 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,8 +221,10 @@ class CorpusTurn:
         kind: The utterance's kind.
         v2v: The caller's last audio frame to the first bot audio after it (None: no
             bot audio within the wait).
-        false_turn_end: The server asked the LLM for a reply while the caller was still
-            in the middle of the utterance (a turn cut short).
+        false_turn_end: The utterance was cut into two turns: its first part, up to the
+            caller's pause, is a user turn of its own in the LLM context (the bot took
+            the pause for the end). A reply started speculatively during the pause and
+            withdrawn when the caller went on is no cut: it never reaches the context.
     """
 
     kind: str
@@ -233,7 +235,7 @@ class CorpusTurn:
 async def replay_corpus(
     client: Any,
     *,
-    llm_request_times: list[float],
+    llm_requests: list[dict[str, Any]],
     utterances: tuple[Utterance, ...] = CORPUS,
     reply_wait_secs: float = 8.0,
 ) -> list[CorpusTurn]:
@@ -241,8 +243,8 @@ async def replay_corpus(
 
     Args:
         client: A connected ``TwilioMediaClient`` whose greeting has finished.
-        llm_request_times: The OpenAI fake's ``request_times`` (monotonic), to see
-            replies asked for while the caller was still speaking.
+        llm_requests: The OpenAI fake's ``requests``: the context of the last reply
+            shows which utterances were cut into two turns.
         utterances: What to say, in order (the fake STT must be scripted with every part).
         reply_wait_secs: How long to wait for bot audio after each utterance.
 
@@ -252,13 +254,11 @@ async def replay_corpus(
     turns: list[CorpusTurn] = []
     for utterance in utterances:
         audio = utterance_audio(utterance)
-        started = time.monotonic()
         end = 0.0
         for i, part in enumerate(audio):
             if i:
                 await client.send_audio(pause_audio(utterance))
             end = await client.send_audio(part)
-        cut = any(started + 0.05 < t < end - 0.05 for t in llm_request_times)
         first = None
         with contextlib.suppress(TimeoutError, AssertionError):
             await client.wait_for_bot_audio(min_seconds=0.1, timeout=reply_wait_secs, since=end)
@@ -267,9 +267,21 @@ async def replay_corpus(
             CorpusTurn(
                 kind=utterance.kind,
                 v2v=None if first is None else first - end,
-                false_turn_end=cut,
+                false_turn_end=False,
             )
         )
         await client.wait_for_bot_silence(silence_secs=0.7, timeout=30)
         await asyncio.sleep(0.3)
+    replies = [r for r in llm_requests if r.get("stream")]
+    users = {
+        _normalized(str(m.get("content")))
+        for m in (replies[-1]["messages"] if replies else [])
+        if m.get("role") == "user"
+    }
+    for turn, utterance in zip(turns, utterances, strict=True):
+        turn.false_turn_end = utterance.has_pause and _normalized(utterance.parts[0]) in users
     return turns
+
+
+def _normalized(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
