@@ -244,8 +244,15 @@ class TurnSample:
     endpointing: float | None = None
 
 
-async def corpus_call(server: Any, target: str, stt: Any, llm: Any) -> list[TurnSample]:
-    """One call replaying the corpus against ``server``; the samples of its utterances."""
+async def corpus_call(
+    server: Any, target: str, stt: Any, llm: Any, database_url: str
+) -> list[TurnSample]:
+    """One call replaying the corpus against ``server``; the samples of its utterances.
+
+    For this project, each sample also gets the server's own endpointing of the turn
+    (the caller's silence to the end of turn decided: ``turn_metrics`` of the ``calls``
+    row), when the call has as many turns as the corpus has utterances.
+    """
     call_sid = new_sid("CA")
     form = {
         "CallSid": call_sid,
@@ -275,9 +282,29 @@ async def corpus_call(server: Any, target: str, stt: Any, llm: Any) -> list[Turn
         with contextlib.suppress(Exception):
             await client.hang_up()
         await client.close()
+    endpointing: list[float | None] = [None] * len(turns)
+    if target != "reference":
+        for _ in range(40):  # the row is written when the call has ended
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT turn_metrics FROM calls WHERE call_sid = %s AND ended_at IS NOT NULL",
+                    (call_sid,),
+                ).fetchone()
+            if row:
+                metrics = row[0] or []
+                if len(metrics) >= len(turns):
+                    endpointing = [m.get("user_turn_secs") for m in metrics[-len(turns) :]]
+                break
+            await asyncio.sleep(0.25)
     return [
-        TurnSample(target=target, kind=t.kind, v2v=t.v2v, false_turn_end=t.false_turn_end)
-        for t in turns
+        TurnSample(
+            target=target,
+            kind=t.kind,
+            v2v=t.v2v,
+            false_turn_end=t.false_turn_end,
+            endpointing=e,
+        )
+        for t, e in zip(turns, endpointing, strict=True)
     ]
 
 
@@ -365,7 +392,7 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
                     await server.wait_ready()
                     for _ in range(runs):
                         llm.script([corpus_replies] * 200)
-                        samples += await corpus_call(server, target, stt, llm)
+                        samples += await corpus_call(server, target, stt, llm, database_url)
                         llm._script.clear()
                         await asyncio.sleep(1.0)
                 finally:
@@ -381,7 +408,7 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
     rows = []
     header = (
         f"{'kind':<20} {'target':<16} {'n':>3} {'v2v p50':>8} {'v2v p95':>8} "
-        f"{'overhead p50':>12} {'false ends':>10} {'dead air':>8}"
+        f"{'overhead p50':>12} {'endpoint':>9} {'false ends':>10} {'dead air':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -401,14 +428,22 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
                 "overhead_p50_ms": round((statistics.median(v2v) - injected) * 1000)
                 if v2v
                 else None,
+                "endpointing_p50_ms": (
+                    round(statistics.median(ends) * 1000)
+                    if (ends := [x.endpointing for x in group if x.endpointing is not None])
+                    else None
+                ),
                 "false_turn_ends": sum(x.false_turn_end for x in group),
                 "dead_air": sum(x.v2v is None or x.v2v > DEAD_AIR_SECS for x in group),
             }
             rows.append(row)
+            cells = [
+                "-" if row[k] is None else str(row[k])
+                for k in ("v2v_p50_ms", "v2v_p95_ms", "overhead_p50_ms", "endpointing_p50_ms")
+            ]
             print(
-                f"{kind:<20} {target:<16} {row['n']:>3} {row['v2v_p50_ms'] or '-':>8} "
-                f"{row['v2v_p95_ms'] or '-':>8} {row['overhead_p50_ms'] or '-':>12} "
-                f"{row['false_turn_ends']:>10} {row['dead_air']:>8}"
+                f"{kind:<20} {target:<16} {row['n']:>3} {cells[0]:>8} {cells[1]:>8} "
+                f"{cells[2]:>12} {cells[3]:>9} {row['false_turn_ends']:>10} {row['dead_air']:>8}"
             )
     out = results / "turn_kinds.json"
     out.write_text(
