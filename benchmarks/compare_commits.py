@@ -6,13 +6,14 @@ Usage::
         -- --customers 20000 --iterations 200
     python benchmarks/compare_commits.py --base 551a9d9 --bench voice_to_voice --rounds 2
 
-Checks ``--base`` out into a temporary git worktree and runs ``benchmarks/<bench>.py`` there
-and here, alternating the order every round (base first, then this tree first), so both
-see the same machine load. Arguments after ``--`` go to both runs. Each run's JSON
-(``benchmarks/results/<bench>.json`` of its tree) is collected; the table shows, per
-metric, the median over the rounds for each side and the ratio this tree / base (1.00 is
-the same; shared machines are noisy, so read ratios within about 0.8-1.25 as "unchanged").
-Writes ``benchmarks/results/compare_<bench>.json``. The worktree is removed at the end.
+Checks ``--base`` (and ``--head``, default: this working tree) out into temporary git
+worktrees and runs ``benchmarks/<bench>.py`` in both, alternating the order every round
+(base first, then head first), so both see the same machine load. Arguments after ``--``
+go to both runs. Each run's JSON (``benchmarks/results/<bench>.json`` of its tree) is
+collected; the table shows, per metric, the median over the rounds for each side and the
+ratio head / base (1.00 is the same; shared machines are noisy, so read ratios within
+about 0.8-1.25 as "unchanged").
+Writes ``benchmarks/results/compare_<bench>.json``. The worktrees are removed at the end.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def main() -> int:
     """Parse arguments, run the rounds, print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="commit to compare against")
+    parser.add_argument("--head", help="commit to compare (default: this working tree)")
     parser.add_argument("--bench", required=True, choices=sorted(METRICS))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("extra", nargs="*", help="arguments for both runs (after --)")
@@ -95,22 +97,40 @@ def main() -> int:
             check=True,
             capture_output=True,
         )
+        head_tree = ROOT
+        if args.head:
+            head_sha = subprocess.run(
+                ["git", "rev-parse", "--short", args.head],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            head_tree = Path(tmp) / f"head-{head_sha}"
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", str(head_tree), head_sha],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
         try:
             for round_no in range(args.rounds):
-                order = [("base", base_tree), ("this", ROOT)]
+                order = [("base", base_tree), ("this", head_tree)]
                 if round_no % 2:
                     order.reverse()
                 for side, tree in order:
                     sides[side].append(run_bench(tree, args.bench, args.extra))
         finally:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, check=False
-            )
+            for tree in {base_tree, head_tree} - {ROOT}:
+                subprocess.run(
+                    ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False
+                )
 
     names = [m for m in sides["this"][0] if all(m in r for r in sides["base"] + sides["this"])]
     table = []
     print()
-    print(f"{'metric':<32} {'base ' + base_sha:>14} {'this tree':>10} {'ratio':>6}")
+    head_label = args.head or "this tree"
+    print(f"{'metric':<32} {'base ' + base_sha:>14} {head_label:>10} {'ratio':>6}")
     for name in names:
         base = statistics.median(r[name] for r in sides["base"])
         this = statistics.median(r[name] for r in sides["this"])
