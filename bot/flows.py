@@ -53,6 +53,22 @@ TEXT_CONSENT_LINE = (
     '"text": "will_text", you may say a text confirmation is on its way.'
 )
 
+#: How the model uses the account overview that comes with a successful verification.
+OVERVIEW_LINE = (
+    "The verification result already lists their vehicles (vehicle_id, name, service_due) "
+    "and upcoming appointments (appointment_id, when, services, vehicle): use them as they "
+    "are, without calling get_vehicle_history or list_appointments for the same facts. "
+    "Call get_vehicle_history only for mileage, past visits, recalls or warranty."
+)
+#: Tools whose call keeps the caller waiting on the database or the calendar, and usually
+#: on another LLM round trip after it: a reply that starts with one of them gets a short
+#: spoken acknowledgement first (:class:`processors.tool_acknowledgement.ToolAcknowledgement`).
+ACKNOWLEDGED_TOOLS = (*IDENTIFY_TOOLS, *SERVICE_TOOLS, "confirm_appointment")
+#: Tools that end or hand over the call, or just record an answer, and are followed at once
+#: by their own sentence: no acknowledgement. Every registered tool is in exactly one of
+#: the two sets (tests/test_tool_acknowledgement.py).
+UNACKNOWLEDGED_TOOLS = ("transfer_to_advisor", "end_call", "opt_out", "record_text_consent")
+
 TransferFn = Callable[[], Awaitable[None]]
 
 
@@ -175,23 +191,24 @@ class CallFlow:
         """What they need: vehicles, history, availability, booking changes."""
         if self.scenario == "inbound":
             task = (
-                "The caller is verified. Greet them by first name and help with what they "
-                "need: ask which vehicle (get_vehicle_history) when it matters, then "
-                "schedule, reschedule or cancel, or answer questions about service history. "
-                "Before booking, confirm the service, the day and time, the vehicle and "
-                "transportation (waiter, drop off, loaner or shuttle)."
+                f"The caller is verified. {OVERVIEW_LINE} Greet them by first name and help "
+                "with what they need: ask which vehicle when it matters (by name), then "
+                "schedule (check_availability), reschedule or cancel, or answer questions "
+                "about service history (get_vehicle_history). Before booking, confirm the "
+                "service, the day and time, the vehicle and transportation (waiter, drop off, "
+                "loaner or shuttle)."
             )
             names = SERVICE_TOOLS
         elif self.scenario == "service_due":
             task = (
-                "The customer is verified. Tell them which vehicle is due for service "
-                "(get_vehicle_history) and offer to book it."
+                f"The customer is verified. {OVERVIEW_LINE} Tell them which vehicle is due "
+                "for service (service_due) and offer to book it."
             )
             names = OUTBOUND_TOOLS
         else:
             task = (
-                "The customer is verified. Read their upcoming appointment back "
-                "(list_appointments) and ask whether they will make it."
+                f"The customer is verified. {OVERVIEW_LINE} Read their upcoming appointment "
+                "back and ask whether they will make it."
             )
             names = OUTBOUND_TOOLS
         return {

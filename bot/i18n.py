@@ -81,6 +81,7 @@ _TEXTS: dict[str, dict[str, str]] = {
         "minutos. Adiós.",
     },
     "one_moment": {"en": "One moment, please.", "es": "Un momento, por favor."},
+    "tool_ack": {"en": "Let me check.", "es": "Déjeme revisar."},
     "idle_prompt": {"en": "Are you still there?", "es": "¿Sigue ahí?"},
     "idle_goodbye": {
         "en": "I haven't heard anything, so I'll let you go. Please call back any time. Goodbye.",
@@ -127,6 +128,7 @@ FIXED_SENTENCES = (
     "transfer_failed_callback",
     "transfer_failed_call_back",
     "one_moment",
+    "tool_ack",
     "idle_prompt",
     "idle_goodbye",
     "goodbye",

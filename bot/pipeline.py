@@ -34,7 +34,8 @@ from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from bot.features import CallFeatures, stt_language, tts_voice  # [phone-features hook]
-from bot.flows import CallFlow
+from bot.flows import ACKNOWLEDGED_TOOLS, CallFlow
+from bot.i18n import text
 from bot.turn_models import new_turn_analyzer, new_vad_analyzer
 from bot.turn_stop import ExpectedAnswerUserTurnStopStrategy, SpeculativeUserTurnStopStrategy
 from core.resources import AppResources
@@ -47,6 +48,7 @@ from processors.session_snapshot import (
     session_snapshot,
 )
 from processors.spoken_text import SpokenTextAligner
+from processors.tool_acknowledgement import ToolAcknowledgement
 from processors.tool_calls import ToolCallRecorder
 from tools.context import ToolContext
 
@@ -251,6 +253,7 @@ class CallPipeline:
     snapshot_store: SnapshotStore
     dead_air: DeadAirGuard
     tool_log: ToolCallRecorder
+    tool_ack: ToolAcknowledgement | None
 
     def service_name(self, source: object) -> str:
         """Which service ``source`` is, in words for the logs and the call's incidents."""
@@ -303,6 +306,13 @@ def build_call_pipeline(
         ),
     )
     dead_air = DeadAirGuard(hold_secs=settings.dead_air_hold_secs)
+    # "Let me check." as soon as a reply starts with a tool call (translated before the
+    # TTS like the other fixed sentences); it also stops the dead-air guard.
+    tool_ack = (
+        ToolAcknowledgement(tools=ACKNOWLEDGED_TOOLS, phrase=text("tool_ack", "en"))
+        if settings.tool_acknowledgement
+        else None
+    )
     aggregators = _aggregators(resources, options)
     pipeline = Pipeline(
         [
@@ -312,6 +322,7 @@ def build_call_pipeline(
             *options.extra_processors_after_stt,
             aggregators.user(),
             llm,
+            *([tool_ack] if tool_ack else []),  # speaks when a reply needs tools
             dead_air,  # speaks while the LLM (or a tool) keeps the caller waiting
             *features.before_tts(),  # [phone-features hook]
             tts,
@@ -363,6 +374,7 @@ def build_call_pipeline(
         snapshot_store=snapshot_store,
         dead_air=dead_air,
         tool_log=tool_log,
+        tool_ack=tool_ack,
     )
 
 

@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     # Failure handling
     llm_timeout_secs: float = Field(default=5.0, alias="LLM_TIMEOUT_SECS", gt=0, le=60)
     dead_air_hold_secs: float = Field(default=1.2, alias="DEAD_AIR_HOLD_SECS", ge=0, le=10)
+    tool_acknowledgement: bool = Field(default=True, alias="TOOL_ACKNOWLEDGEMENT")
     db_timeout_secs: float = Field(default=1.0, alias="DB_TIMEOUT_SECS", gt=0, le=30)
     pending_writes_max_age_secs: float = Field(
         default=3600.0, alias="PENDING_WRITES_MAX_AGE_SECS", gt=0

@@ -35,6 +35,7 @@ from bot.failures import (
     OUTBOUND_CALL_AGAIN,
     TRANSFER_FAILED_CALLBACK,
 )
+from bot.i18n import text as sentence
 from core import metrics
 from core.profile import load_profile
 from core.settings import DEFAULT_PROFILE
@@ -757,8 +758,15 @@ async def test_postgres_down_mid_call_tool_offers_transfer(
         await wait_until_true(lambda: bool(agent.llm.request_times), timeout=20)
         fault_at = agent.llm.request_times[0]  # the tool call hits the dead database next
         heard_at = await first_words_after(client, fault_at)
+        # "Let me check." as the tool starts (the database is slow to fail), then the
+        # tool's sentence once it has given up.
+        await wait_until_true(
+            lambda: any("service advisor" in t for t in agent.tts.texts[spoken:]), timeout=20
+        )
+        await client.wait_for_bot_audio(min_seconds=0.1, since=agent.tts.spoken_at[-1])
         await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
         said = texts_since(agent, spoken)
+        assert said[0] == sentence("tool_ack", "en")
         assert " ".join(said[-2:]) == (
             "I'm sorry, something went wrong on my side. I can transfer you to a service advisor."
         )

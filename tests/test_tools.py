@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from datetime import datetime, time, timedelta
 
 import pytest
@@ -160,6 +161,83 @@ async def test_date_of_birth_is_never_read_back(pool, redis_client, crm_data) ->
     ]
     text = json.dumps(outputs)
     assert "1985" not in text and "60614" not in text and ANA_PHONE not in text
+
+
+async def test_verification_carries_the_vehicles_and_upcoming_appointments(
+    pool, redis_client, crm_data
+) -> None:
+    """The verified result spares the model a round trip; it still names no factor."""
+    from tools.customers import identify_caller
+
+    ctx = make_ctx(pool, redis_client, ANA_PHONE)
+    assert await identify_caller(ctx)
+    result = await run_tool(ctx, "verify_customer", {"date_of_birth": "1985-04-12"})
+    assert result == {
+        "ok": True,
+        "verified": True,
+        "first_name": "Ana",
+        "vehicles": [
+            {
+                "vehicle_id": crm_data["ana_vehicle"],
+                "name": "2021 Toyota Camry SE",
+                "service_due": False,
+            }
+        ],
+        "upcoming_appointments": [],
+    }
+    slot = (await run_tool(ctx, "check_availability", {"service_type": "oil_change"}))["slots"][0]
+    booked = await run_tool(
+        ctx,
+        "book_appointment",
+        {
+            "slot_id": slot["slot_id"],
+            "vehicle_id": crm_data["ana_vehicle"],
+            "service_type": "oil_change",
+        },
+    )
+    again = await run_tool(ctx, "verify_customer", {})  # already verified: the same overview
+    assert again["upcoming_appointments"] == [
+        {
+            "appointment_id": booked["appointment_id"],
+            "when": slot["when"],
+            "services": ["oil change"],
+            "vehicle": "2021 Toyota Camry SE",
+            "status": "scheduled",
+        }
+    ]
+    text = json.dumps([result, again])
+    assert len(text) < 1000  # small: names and ids, no history
+    assert "1985" not in text and "60614" not in text and ANA_PHONE not in text
+    vin = await _vin(pool, crm_data["ana_vehicle"])
+    for part in (vin, vin[-4:], vin[-6:]):
+        assert not re.search(rf"(?<![0-9A-Za-z]){part}(?![0-9A-Za-z])", text, re.IGNORECASE)
+
+
+async def test_verification_stands_when_the_overview_cannot_be_read(
+    pool, redis_client, crm_data, monkeypatch
+) -> None:
+    from tools import customers as customers_tools
+
+    async def broken(ctx, customer_id):
+        raise OSError("database went away")
+
+    monkeypatch.setattr(customers_tools, "account_overview", broken)
+    ctx = make_ctx(pool, redis_client, ANA_PHONE)
+    assert await customers_tools.identify_caller(ctx)
+    result = await run_tool(ctx, "verify_customer", {"date_of_birth": "1985-04-12"})
+    assert result == {
+        "ok": True,
+        "verified": True,
+        "first_name": "Ana",
+        "account_details": "unavailable",
+    }
+    assert ctx.session.verified
+
+
+async def _vin(pool, vehicle_id: int) -> str:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT vin FROM vehicles WHERE id = %s", (vehicle_id,))
+        return (await cur.fetchone())[0]
 
 
 async def test_lockout_after_three_failures_shared_by_concurrent_calls(

@@ -26,6 +26,7 @@ from loguru import logger
 from core.pii import mask_phone
 from crm import customers as crm_customers
 from tools.context import ToolContext
+from tools.overview import account_overview
 from tools.registry import ToolRefusal, tool
 
 #: Comparisons allowed per customer per :data:`ATTEMPT_WINDOW` (the CHECK constraint
@@ -180,7 +181,7 @@ async def lookup_customer(
             session.verified = True
             async with ctx.db.connection() as conn:
                 await crm_customers.record_verification_success(conn, match.id)
-            return {"ok": True, "found": True, "first_name": match.first_name, "verified": True}
+            return await _verified_result(ctx, match.id, found=True)
     return {
         "ok": True,
         "found": True,
@@ -222,7 +223,9 @@ async def _compare_zip(
     description=(
         "Verify the caller's identity before discussing vehicles, history or appointments. "
         "Ask for ONE of: date of birth, ZIP code, or the last 4 characters of a vehicle's "
-        "VIN (two of them if caller ID did not match). Never read any of these back."
+        "VIN (two of them if caller ID did not match). Never read any of these back. Once "
+        "verified, the result lists the caller's vehicles (with the vehicle_id to book with) "
+        "and upcoming appointments (with the appointment_id to change)."
     ),
     properties={
         "date_of_birth": {"type": "string", "description": "Date of birth as YYYY-MM-DD."},
@@ -246,7 +249,7 @@ async def verify_customer(
             code="no_customer",
         )
     if session.verified:
-        return {"ok": True, "verified": True, "first_name": session.customer_first_name}
+        return await _verified_result(ctx, session.customer_id)
     customer_id = session.customer_id
     if not (date_of_birth or zip_code or vin_last4):
         raise ToolRefusal(
@@ -283,13 +286,35 @@ async def verify_customer(
         session.verified = True
         async with ctx.db.connection() as conn:
             await crm_customers.record_verification_success(conn, customer_id)
-        return {"ok": True, "verified": True, "first_name": session.customer_first_name}
+        return await _verified_result(ctx, customer_id)
     return {
         "ok": True,
         "verified": False,
         "say": "Thanks. I need one more detail: your date of birth, ZIP code, or the last "
         "four of your VIN.",
     }
+
+
+async def _verified_result(ctx: ToolContext, customer_id: int, **extra: Any) -> dict[str, Any]:
+    """The result of a completed verification: the first name, plus the caller's vehicles
+    and upcoming appointments (:func:`tools.overview.account_overview`), so the model needs
+    no second round trip before talking about them. No verification factor is in it.
+
+    The verification stands even when the overview cannot be read (the database failing
+    right after it): the result then says so, and the model falls back on the vehicle and
+    appointment tools."""
+    result: dict[str, Any] = {
+        "ok": True,
+        **extra,
+        "verified": True,
+        "first_name": ctx.session.customer_first_name,
+    }
+    try:
+        result.update(await account_overview(ctx, customer_id))
+    except Exception as exc:
+        logger.warning(f"account overview of customer {customer_id} failed: {type(exc).__name__}")
+        result["account_details"] = "unavailable"
+    return result
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,10 @@ from typing import Any
 from crm import vehicles as crm_vehicles
 from tools.context import ToolContext
 from tools.customers import require_verified
+from tools.overview import describe_vehicle
 from tools.registry import ToolRefusal, tool
 
-
-def describe_vehicle(vehicle: crm_vehicles.VehicleSummary) -> str:
-    """Spoken name of a vehicle, e.g. ``2021 Toyota Camry SE``."""
-    return " ".join(str(p) for p in (vehicle.year, vehicle.make, vehicle.model, vehicle.trim) if p)
+__all__ = ["describe_vehicle", "get_vehicle_history"]
 
 
 def _warranty(vehicle: crm_vehicles.VehicleSummary, today: date) -> str:

@@ -61,6 +61,7 @@ class FakeDeepgramTTS:
         first_byte_delay: Seconds between a Flush and its first audio chunk.
         chunk_delay: Seconds between chunks (0 sends faster than real time, like Deepgram).
         texts: Text of every Speak message, in order.
+        spoken_at: Monotonic arrival time of each Speak message (parallel to ``texts``).
         queries: Query parameters of every connection (first value each).
         control_messages: Every JSON message received.
         flushes: Flush messages received.
@@ -106,6 +107,7 @@ class FakeDeepgramTTS:
         self.chunk_delay = chunk_delay
         self.url = ""
         self.texts: list[str] = []
+        self.spoken_at: list[float] = []
         self.queries: list[dict[str, str]] = []
         self.control_messages: list[dict[str, Any]] = []
         self.flushes = 0
@@ -259,6 +261,7 @@ class FakeDeepgramTTS:
                 if kind == "Speak":
                     text = str(msg.get("text", ""))
                     self.texts.append(text)
+                    self.spoken_at.append(time.monotonic())
                     session.pending.append(text)
                 elif kind == "Flush":
                     self.flushes += 1
