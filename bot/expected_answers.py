@@ -22,6 +22,7 @@ __all__ = [
     "AnswerKind",
     "AnswerState",
     "answer_state",
+    "ends_mid_sentence",
     "expected_answers",
     "is_complete_answer",
     "words_to_digits",
@@ -239,6 +240,32 @@ class AnswerState(StrEnum):
     COMPLETE = "complete"  # a whole answer: end the turn now
     PARTIAL = "partial"  # the start of one ("April twelfth"): wait for the rest
     UNKNOWN = "unknown"  # neither, or ambiguous: leave it to the turn model
+
+
+#: Words a finished sentence does not end on: a caller who stops after one of them is
+#: pausing mid-sentence ("It makes a noise when I ...", "I'll, um, ...").
+_DANGLING = frozenset(
+    {
+        "a", "an", "the", "and", "but", "or", "because", "when", "if", "than", "to", "for",
+        "with", "of", "from", "my", "your", "our", "i", "i'm", "um", "uh", "er", "erm",
+        "y", "o", "de", "del", "que", "con", "para", "por", "mi", "su", "el", "la", "los",
+        "las", "un", "una", "pero", "porque", "cuando", "eh",
+    }
+)  # fmt: skip
+
+
+def ends_mid_sentence(text: str) -> bool:
+    """Whether ``text`` stops on a word no finished sentence ends on (see ``_DANGLING``).
+
+    Args:
+        text: The caller's words in this turn so far.
+
+    Returns:
+        True for "It makes a noise when I", "I think I will, um,"; False for "Yes." and
+        "I need an oil change.".
+    """
+    words = re.findall(r"[a-záéíóúñü']+", text.lower())
+    return bool(words) and words[-1] in _DANGLING
 
 
 def answer_state(text: str, kinds: frozenset[AnswerKind]) -> AnswerState:

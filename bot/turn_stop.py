@@ -7,7 +7,8 @@ time among offered slots or a yes/no (:mod:`bot.expected_answers`), and the call
 transcript already parses as a complete answer, :class:`ExpectedAnswerUserTurnStopStrategy`
 ends the turn at once. A partial answer ("April twelfth...") gets the longer wait: the
 turn stays open for the rest even when smart-turn judged it complete, which would cut a
-caller reading digits in groups. On every other turn it is Pipecat's
+caller reading digits in groups; so does any turn whose words stop on one no finished
+sentence ends on ("It makes a noise when I ...", "um"). Otherwise it is Pipecat's
 :class:`~pipecat.turns.user_stop.TurnAnalyzerUserTurnStopStrategy`, unchanged.
 
 The early stop only ever happens after the VAD has reported the caller silent and with a
@@ -35,7 +36,13 @@ from pipecat.turns.types import ProcessFrameResult, UserTurnSpeculation
 from pipecat.turns.user_stop import NormalizedMatch, TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_stop.eager_match_policy import EagerMatchPolicy
 
-from bot.expected_answers import AnswerKind, AnswerState, answer_state, expected_answers
+from bot.expected_answers import (
+    AnswerKind,
+    AnswerState,
+    answer_state,
+    ends_mid_sentence,
+    expected_answers,
+)
 
 __all__ = [
     "PARTIAL_ANSWER_HOLD_SECS",
@@ -79,7 +86,8 @@ class ExpectedAnswerUserTurnStopStrategy(TurnAnalyzerUserTurnStopStrategy):
     * a partial answer ("April twelfth", "six oh six") keeps the turn open for
       :data:`PARTIAL_ANSWER_HOLD_SECS` even when the turn model judged it complete, so a
       caller reading digits in groups is not cut off between them; if nothing more
-      comes, the turn ends then.
+      comes, the turn ends then. Words that stop on a dangling word ("... when I",
+      "um") are held the same way on any turn.
 
     On every other turn it is Pipecat's strategy, unchanged. Event handlers and frames are
     those of the parent class. ``early_stops`` and ``holds`` count the turns this strategy
@@ -173,7 +181,11 @@ class ExpectedAnswerUserTurnStopStrategy(TurnAnalyzerUserTurnStopStrategy):
     def _state(self) -> AnswerState:
         if not self._heard:
             return AnswerState.UNKNOWN
-        return answer_state(" ".join(self._heard), self._expected())
+        heard = " ".join(self._heard)
+        state = answer_state(heard, self._expected())
+        if state is AnswerState.UNKNOWN and ends_mid_sentence(heard):
+            return AnswerState.PARTIAL  # "It makes a noise when I ...": hold for the rest
+        return state
 
     async def _complete_if_answered(self) -> None:
         """Mark the turn complete when the caller is silent and has answered in full."""
@@ -287,8 +299,8 @@ class SpeculativeUserTurnStopStrategy(ExpectedAnswerUserTurnStopStrategy):
         text = " ".join([*self._heard, self._interim]).strip()
         if not text or self._hold_task is not None:
             return
-        if answer_state(text, self._expected()) is AnswerState.PARTIAL:
-            return  # the caller is midway through a number: the reply would be wasted
+        if answer_state(text, self._expected()) is AnswerState.PARTIAL or ends_mid_sentence(text):
+            return  # the caller is midway through: the reply would be wasted
         self._speculation = UserTurnSpeculation(text=text)
         self.speculations += 1
         logger.debug(f"{self}: speculating at the VAD stop")

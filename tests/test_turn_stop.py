@@ -36,6 +36,7 @@ from bot.expected_answers import (
     AnswerKind,
     AnswerState,
     answer_state,
+    ends_mid_sentence,
     expected_answers,
     is_complete_answer,
     words_to_digits,
@@ -205,6 +206,29 @@ async def test_caller_finishing_the_number_after_a_pause_is_one_turn() -> None:
     assert contexts[0].context.get_messages()[-1]["content"] == "six oh six, one four."
     assert turn.ended_on_the_words
     assert turn.strategy.holds == 1
+
+
+async def test_words_stopping_mid_sentence_are_held_on_any_turn() -> None:
+    turn = Turn("What is going on with the car?", analyzer=SureTurnAnalyzer())
+    await turn.run("It makes a noise when I")
+    assert not turn.ended_on_the_words
+    assert turn.strategy.holds == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "dangling"),
+    [
+        ("It makes a noise when I", True),
+        ("I think I will, um,", True),
+        ("Necesito una cita para", True),
+        ("I need an oil change.", False),
+        ("Yes.", False),
+        ("I think so", False),
+        ("", False),
+    ],
+)
+def test_ends_mid_sentence(text: str, dangling: bool) -> None:
+    assert ends_mid_sentence(text) is dangling
 
 
 async def test_smart_turns_complete_verdict_stands_on_other_turns() -> None:
@@ -381,7 +405,7 @@ async def test_caller_going_on_withdraws_the_reply_and_the_turn_is_answered_whol
     turn = SpeculativeTurn("What's going on with the car?", analyzer=UnsureTurnAnalyzer())
     frames: list[Frame] = [
         _speaks(),
-        _interim("it makes a noise when i"),
+        _interim("it makes a noise"),
         SleepFrame(sleep=0.05),
         _silent(),
         SleepFrame(sleep=0.1),
@@ -395,7 +419,7 @@ async def test_caller_going_on_withdraws_the_reply_and_the_turn_is_answered_whol
     assert (turn.strategy.speculations, turn.strategy.withdrawn) == (1, 1)
     # The speculated words never became a turn of their own in the context.
     users = [m["content"] for m in turn.aggregator.context.get_messages() if m["role"] == "user"]
-    assert "it makes a noise when i" not in users
+    assert "it makes a noise" not in users
     assert users in ([], ["It makes a noise when I press the brakes."])
 
 

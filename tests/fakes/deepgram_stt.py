@@ -19,7 +19,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -114,6 +114,7 @@ class FakeDeepgramSTT:
         send_vad_events: bool | None = None,
         send_utterance_end: bool | None = None,
         end_interim_delay: float | None = None,
+        end_interim_text: Callable[[str], str] | None = None,
     ) -> None:
         """Initialises the fake (not started yet).
 
@@ -132,6 +133,9 @@ class FakeDeepgramSTT:
                 follows this long (wall time) after its speech ends, unless the burst was
                 finalized first: Deepgram's last interim before it endpoints. None: only
                 the one early interim (``interim_after_secs``).
+            end_interim_text: What that last interim says, from the burst's final text
+                (default: the same text); e.g. a prefix, for a recognizer that revises
+                its last words in the final.
         """
         self._script: list[str | tuple[str, str]] = list(script or [])
         self.api_key = api_key
@@ -143,6 +147,7 @@ class FakeDeepgramSTT:
         self.send_vad_events = send_vad_events
         self.send_utterance_end = send_utterance_end
         self.end_interim_delay = end_interim_delay
+        self.end_interim_text = end_interim_text
         self.url = ""
         self.queries: list[dict[str, list[str]]] = []
         self.audio = bytearray()
@@ -492,6 +497,8 @@ class FakeDeepgramSTT:
         if burst.finalized:
             return
         text = self._burst_text(burst)
+        if text and self.end_interim_text is not None:
+            text = self.end_interim_text(text)
         if text:
             await self._send_results(session, text, is_final=False, language=burst.language)
 
