@@ -109,7 +109,7 @@ class Turn:
             self.stopped_at = self.stopped_at or time.monotonic()
 
     async def run(
-        self, *texts: str, still_speaking: bool = False, then_wait: float = 0.3
+        self, *texts: str, still_speaking: bool = False, then_wait: float = 0.6
     ) -> list[Frame]:
         """The caller says ``texts`` (then goes silent unless ``still_speaking``); then
         ``then_wait`` seconds pass."""
@@ -126,10 +126,11 @@ class Turn:
 
     @property
     def ended_on_the_words(self) -> bool:
-        """The turn ended within 0.2 s of the caller going silent (not at the pipeline end)."""
+        """The turn ended within 0.45 s of the caller going silent: on the words, not at the
+        pipeline's end (0.6 s) or after a hold (1 s). Loose on purpose: CI is loaded."""
         if self.stopped_at is None or not self.silent_at:
             return False
-        return self.stopped_at - self.silent_at < 0.2
+        return self.stopped_at - self.silent_at < 0.45
 
     @property
     def silent_at(self) -> float:
@@ -183,9 +184,10 @@ async def test_partial_answer_is_held_open_even_when_smart_turn_says_complete() 
 
 async def test_held_partial_answer_ends_after_the_hold_when_nothing_more_comes() -> None:
     turn = Turn(ASK_DOB, analyzer=SureTurnAnalyzer())
-    await turn.run("April twelfth", then_wait=1.4)
+    await turn.run("April twelfth", then_wait=2.5)
     assert turn.stopped_at is not None and turn.silent_at
-    assert 0.9 <= turn.stopped_at - turn.silent_at < 1.3
+    # Ended by the hold (about 1 s), not by the pipeline's end at 2.5 s.
+    assert 0.9 <= turn.stopped_at - turn.silent_at < 2.0
 
 
 async def test_caller_finishing_the_number_after_a_pause_is_one_turn() -> None:
@@ -198,7 +200,7 @@ async def test_caller_finishing_the_number_after_a_pause_is_one_turn() -> None:
         VADUserStartedSpeakingFrame(start_secs=0.2, timestamp=time.time()),
         TranscriptionFrame(text="one four.", user_id="c", timestamp="now", finalized=True),
         VADUserStoppedSpeakingFrame(stop_secs=0.2, timestamp=time.time()),
-        SleepFrame(sleep=0.3),
+        SleepFrame(sleep=0.6),
     ]
     down, _ = await run_test(turn.aggregator, frames_to_send=frames)
     contexts = [f for f in down if isinstance(f, LLMContextFrame)]
