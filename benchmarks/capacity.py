@@ -141,6 +141,36 @@ class Level:
         )
 
 
+def server_env(
+    *, database_url: str, redis_url: str, stt: Any, tts: Any, llm: Any, twilio: Any
+) -> dict[str, str]:
+    """The environment of a server under test (ours or the reference) on these fakes."""
+    return {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
+        },
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": llm.base_url,
+        "DEEPGRAM_API_KEY": "dg-bench",
+        "DEEPGRAM_STT_URL": stt.url,
+        "DEEPGRAM_TTS_URL": tts.url,
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_PHONE_NUMBER": "+15555550199",
+        "TWILIO_API_BASE_URL": twilio.base_url,
+        "ADMIN_TOKEN": "bench",
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+        "DRAIN_GRACE_SECS": "0",
+        "DRAIN_TIMEOUT_SECS": "5",
+    }
+
+
 class ServerUnderTest:
     """One server subprocess (ours or the reference) and its process tree."""
 
@@ -410,30 +440,14 @@ async def main() -> int:
     summaries: list[dict[str, Any]] = []
     try:
         async with stt, tts, llm, twilio:
-            env = {
-                **{
-                    k: v
-                    for k, v in os.environ.items()
-                    if k not in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
-                },
-                "PYTHONPATH": str(ROOT),
-                "DATABASE_URL": database_url,
-                "REDIS_URL": redis_url,
-                "OPENAI_API_KEY": "sk-bench",
-                "OPENAI_BASE_URL": llm.base_url,
-                "DEEPGRAM_API_KEY": "dg-bench",
-                "DEEPGRAM_STT_URL": stt.url,
-                "DEEPGRAM_TTS_URL": tts.url,
-                "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-                "TWILIO_PHONE_NUMBER": "+15555550199",
-                "TWILIO_API_BASE_URL": twilio.base_url,
-                "ADMIN_TOKEN": "bench",
-                "HOST": "127.0.0.1",
-                "LOG_LEVEL": "WARNING",
-                "DRAIN_GRACE_SECS": "0",
-                "DRAIN_TIMEOUT_SECS": "5",
-            }
+            env = server_env(
+                database_url=database_url,
+                redis_url=redis_url,
+                stt=stt,
+                tts=tts,
+                llm=llm,
+                twilio=twilio,
+            )
             ks = [int(k) for k in args.ks.split(",")]
             for workers in [int(w) for w in args.workers.split(",")]:
                 for target in args.targets.split(","):

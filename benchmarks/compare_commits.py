@@ -71,6 +71,25 @@ def run_bench(tree: Path, bench: str, extra: list[str]) -> dict[str, float]:
     return METRICS[bench](result)
 
 
+def short_sha(ref: str) -> str:
+    """The short commit id of ``ref``."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def checkout(sha: str, where: Path, trees: list[Path]) -> Path:
+    """Check ``sha`` out into a detached worktree at ``where`` (noted in ``trees``)."""
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(where), sha],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    trees.append(where)
+    return where
+
+
 def main() -> int:
     """Parse arguments, run the rounds, print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,39 +100,16 @@ def main() -> int:
     parser.add_argument("extra", nargs="*", help="arguments for both runs (after --)")
     args = parser.parse_args()
 
-    base_sha = subprocess.run(
-        ["git", "rev-parse", "--short", args.base],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
     sides: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
+    trees: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="va-compare-") as tmp:
-        base_tree = Path(tmp) / f"base-{base_sha}"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(base_tree), base_sha],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-        head_tree = ROOT
-        if args.head:
-            head_sha = subprocess.run(
-                ["git", "rev-parse", "--short", args.head],
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-            head_tree = Path(tmp) / f"head-{head_sha}"
-            subprocess.run(
-                ["git", "worktree", "add", "--detach", str(head_tree), head_sha],
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-            )
         try:
+            base_sha = short_sha(args.base)
+            base_tree = checkout(base_sha, Path(tmp) / f"base-{base_sha}", trees)
+            head_tree = ROOT
+            if args.head:
+                head_sha = short_sha(args.head)
+                head_tree = checkout(head_sha, Path(tmp) / f"head-{head_sha}", trees)
             for round_no in range(args.rounds):
                 order = [("base", base_tree), ("this", head_tree)]
                 if round_no % 2:
@@ -121,7 +117,7 @@ def main() -> int:
                 for side, tree in order:
                     sides[side].append(run_bench(tree, args.bench, args.extra))
         finally:
-            for tree in {base_tree, head_tree} - {ROOT}:
+            for tree in trees:
                 subprocess.run(
                     ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False
                 )

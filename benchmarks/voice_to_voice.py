@@ -43,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -115,6 +116,54 @@ async def one_call(database_url: str, redis_url: str, delays: dict[str, float]) 
         return {"phone_v2v": phone_v2v, "turns": row["turn_metrics"], "outcome": row["outcome"]}
 
 
+@contextlib.asynccontextmanager
+async def seeded_database(prefix: str) -> AsyncIterator[tuple[str, str]]:
+    """A scratch database seeded with 50 customers, and a Redis URL; dropped afterwards.
+
+    Uses ``DATABASE_URL`` / ``REDIS_URL`` when set, embedded servers otherwise.
+
+    Yields:
+        ``(database_url, redis_url)``.
+    """
+    admin_url = os.environ.get("DATABASE_URL")
+    redis_url = os.environ.get("REDIS_URL")
+    stack: list[Any] = []
+    tmp = tempfile.TemporaryDirectory(prefix=f"{prefix}-")
+    try:
+        if not admin_url:
+            from core.embedded import EmbeddedPostgres
+
+            pg = EmbeddedPostgres()
+            await pg.astart(Path(tmp.name) / "pg")
+            stack.append(pg.astop)
+            admin_url = pg.url
+        if not redis_url:
+            from core.embedded import EmbeddedRedis
+
+            rd = EmbeddedRedis()
+            await rd.astart(Path(tmp.name) / "redis")
+            stack.append(rd.astop)
+            redis_url = rd.url
+        name = f"va_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        try:
+            params = conninfo_to_dict(admin_url)
+            params["dbname"] = name
+            database_url = make_conninfo(**params)
+            profile = load_profile(DEFAULT_PROFILE)
+            today = datetime.now(profile.time_zone).date()
+            await seed(database_url, customers=50, seed=7, anchor_date=today, profile=profile)
+            yield database_url, redis_url
+        finally:
+            with psycopg.connect(admin_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        for stop in reversed(stack):
+            await stop()
+        tmp.cleanup()
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description="voice-to-voice latency benchmark")
     parser.add_argument("--runs", type=int, default=2)
@@ -130,46 +179,13 @@ async def main() -> int:
     if args.turn_kinds:
         return await turn_kinds_main(runs=args.runs, targets=args.targets.split(","))
 
-    admin_url = os.environ.get("DATABASE_URL")
-    redis_url = os.environ.get("REDIS_URL")
-    stack: list[Any] = []
-    tmp = tempfile.TemporaryDirectory(prefix="va-v2v-")
-    if not admin_url:
-        from core.embedded import EmbeddedPostgres
-
-        pg = EmbeddedPostgres()
-        await pg.astart(Path(tmp.name) / "pg")
-        stack.append(pg.astop)
-        admin_url = pg.url
-    if not redis_url:
-        from core.embedded import EmbeddedRedis
-
-        rd = EmbeddedRedis()
-        await rd.astart(Path(tmp.name) / "redis")
-        stack.append(rd.astop)
-        redis_url = rd.url
-    name = f"va_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin_url)
-    params["dbname"] = name
-    database_url = make_conninfo(**params)
-    profile = load_profile(DEFAULT_PROFILE)
     results: dict[str, list[dict]] = {k: [] for k in PROFILES}
-    try:
-        today = datetime.now(profile.time_zone).date()
-        await seed(database_url, customers=50, seed=7, anchor_date=today, profile=profile)
+    async with seeded_database("va-v2v") as (database_url, redis_url):
         for _ in range(args.runs):
             for label, delays in PROFILES.items():
                 with psycopg.connect(database_url, autocommit=True) as conn:
                     conn.execute("DELETE FROM appointments WHERE call_sid IS NOT NULL")
                 results[label].append(await one_call(database_url, redis_url, delays))
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        for stop in reversed(stack):
-            await stop()
-        tmp.cleanup()
 
     summary: dict[str, Any] = {"fake_delays_secs": PROFILES, "profiles": {}}
     print(
@@ -315,73 +331,33 @@ def _pct(values: list[float], q: float) -> float:
 
 async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
     """Run ``runs`` corpus calls per target and print the table per turn kind."""
-    from benchmarks.capacity import ServerUnderTest
+    from benchmarks.capacity import ServerUnderTest, server_env
 
     ensure_speech_tools()
     for utterance in CORPUS:  # synthesize (and cache) before any timing
         utterance_audio(utterance)
-    tmp = tempfile.TemporaryDirectory(prefix="va-turns-")
-    stack: list[Any] = []
-    admin_url = os.environ.get("DATABASE_URL")
-    redis_url = os.environ.get("REDIS_URL")
-    if not admin_url:
-        from core.embedded import EmbeddedPostgres
-
-        pg = EmbeddedPostgres()
-        await pg.astart(Path(tmp.name) / "pg")
-        stack.append(pg.astop)
-        admin_url = pg.url
-    if not redis_url:
-        from core.embedded import EmbeddedRedis
-
-        rd = EmbeddedRedis()
-        await rd.astart(Path(tmp.name) / "redis")
-        stack.append(rd.astop)
-        redis_url = rd.url
-    name = f"va_turns_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin_url)
-    params["dbname"] = name
-    database_url = make_conninfo(**params)
-    profile = load_profile(DEFAULT_PROFILE)
     samples: list[TurnSample] = []
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    try:
-        today = datetime.now(profile.time_zone).date()
-        await seed(database_url, customers=50, seed=7, anchor_date=today, profile=profile)
+    async with seeded_database("va-turns") as (database_url, redis_url):
         # Deepgram's last interim of an utterance comes shortly after the speech ends;
         # its final only after the Finalize the VAD's stop sends (plus the STT delay).
         stt = FakeDeepgramSTT(final_delay=TURN_DELAYS["stt_final"], end_interim_delay=0.15)
         tts = FakeDeepgramTTS(secs_per_char=0.05, first_byte_delay=TURN_DELAYS["tts_first_byte"])
-        llm = FakeOpenAI(first_token_delay=TURN_DELAYS["llm_first_token"])
+        # Every request is answered from the caller's last words: any number of them.
+        llm = FakeOpenAI(
+            [corpus_replies] * 10_000, first_token_delay=TURN_DELAYS["llm_first_token"]
+        )
         twilio = FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN)
         async with stt, tts, llm, twilio:
-            env = {
-                **{
-                    k: v
-                    for k, v in os.environ.items()
-                    if k not in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
-                },
-                "PYTHONPATH": str(ROOT),
-                "DATABASE_URL": database_url,
-                "REDIS_URL": redis_url,
-                "OPENAI_API_KEY": "sk-bench",
-                "OPENAI_BASE_URL": llm.base_url,
-                "DEEPGRAM_API_KEY": "dg-bench",
-                "DEEPGRAM_STT_URL": stt.url,
-                "DEEPGRAM_TTS_URL": tts.url,
-                "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-                "TWILIO_PHONE_NUMBER": "+15555550199",
-                "TWILIO_API_BASE_URL": twilio.base_url,
-                "ADMIN_TOKEN": "bench",
-                "HOST": "127.0.0.1",
-                "LOG_LEVEL": "WARNING",
-                "DRAIN_GRACE_SECS": "0",
-                "DRAIN_TIMEOUT_SECS": "5",
-            }
+            env = server_env(
+                database_url=database_url,
+                redis_url=redis_url,
+                stt=stt,
+                tts=tts,
+                llm=llm,
+                twilio=twilio,
+            )
             for target in targets:
                 kind = "reference" if target == "reference" else "ours"
                 extra = {"SPECULATIVE_REPLIES": "true"} if target == "ours-speculative" else {}
@@ -391,18 +367,10 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
                 try:
                     await server.wait_ready()
                     for _ in range(runs):
-                        llm.script([corpus_replies] * 200)
                         samples += await corpus_call(server, target, stt, llm, database_url)
-                        llm._script.clear()
                         await asyncio.sleep(1.0)
                 finally:
                     server.stop()
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        for stop in reversed(stack):
-            await stop()
-        tmp.cleanup()
 
     injected = sum(TURN_DELAYS.values())
     rows = []

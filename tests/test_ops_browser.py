@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import re
-import subprocess
 import time as clock
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, time, timedelta
@@ -39,6 +37,7 @@ from tests.fakes.audio import speech_pcm16, speech_ulaw
 from tests.fakes.openai_chat import FakeOpenAI, say
 from tests.harness import BOOKING_UTTERANCES, Agent, booking_script, running_agent
 from tests.ops_support import insert_call, insert_callback, query
+from tests.system_packages import apt_install
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
@@ -67,23 +66,7 @@ STATE: dict[str, str] = {}
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's Chromium, installed with apt-get when missing; the test fails without it."""
-    if not CHROMIUM.exists():
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        log = []
-        for command in (
-            ["apt-get", "install", "-y", "-q", "chromium"],
-            ["apt-get", "update", "-q"],
-            ["apt-get", "install", "-y", "-q", "chromium"],
-        ):
-            try:
-                done = subprocess.run(
-                    command, env=env, capture_output=True, text=True, timeout=900, check=False
-                )
-                log.append(f"$ {' '.join(command)} -> {done.returncode}\n{done.stderr[-1500:]}")
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                log.append(f"$ {' '.join(command)} -> {exc}")
-            if CHROMIUM.exists():
-                break
+    log = apt_install(["chromium"], installed=CHROMIUM.exists)
     if not CHROMIUM.exists():
         pytest.fail(
             "The console's browser tests need Chromium at /usr/bin/chromium and "

@@ -30,6 +30,7 @@ from typing import Any
 
 from tests.fakes.audio import silence_ulaw
 from tests.fakes.openai_chat import Step, say
+from tests.system_packages import apt_install
 
 #: Where generated audio is cached (per user, per text; regenerated when missing).
 CACHE = Path(tempfile.gettempdir()) / "va-caller-corpus"
@@ -117,25 +118,12 @@ def ensure_speech_tools() -> None:
     Raises:
         RuntimeError: A tool is still missing afterwards (with apt-get's output).
     """
-    missing = [p for p, b in (("espeak-ng", "espeak-ng"), ("sox", "sox")) if not shutil.which(b)]
+    missing = [name for name in ("espeak-ng", "sox") if not shutil.which(name)]
     if not missing:
         return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    log = []
-    for command in (
-        ["apt-get", "install", "-y", "-q", *missing],
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", *missing],
-    ):
-        try:
-            done = subprocess.run(
-                command, env=env, capture_output=True, text=True, timeout=600, check=False
-            )
-            log.append(f"$ {' '.join(command)} -> {done.returncode}\n{done.stderr[-1500:]}")
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.append(f"$ {' '.join(command)} -> {exc}")
-        if all(shutil.which(b) for b in missing):
-            return
+    log = apt_install(missing, installed=lambda: all(shutil.which(b) for b in missing))
+    if all(shutil.which(b) for b in missing):
+        return
     raise RuntimeError(
         f"the caller corpus needs {', '.join(missing)} and apt-get could not install them:\n"
         + "\n".join(log)
