@@ -50,6 +50,7 @@ from processors.session_snapshot import (
 from processors.spoken_text import SpokenTextAligner
 from processors.tool_acknowledgement import ToolAcknowledgement
 from processors.tool_calls import ToolCallRecorder
+from processors.tool_result_grouping import ToolResultGrouping
 from tools.context import ToolContext
 
 PHONE_SAMPLE_RATE = 8000
@@ -322,6 +323,7 @@ def build_call_pipeline(
             *options.extra_processors_after_stt,
             aggregators.user(),
             llm,
+            ToolResultGrouping(),  # parallel tool calls: one LLM run for the group
             *([tool_ack] if tool_ack else []),  # speaks when a reply needs tools
             dead_air,  # speaks while the LLM (or a tool) keeps the caller waiting
             *features.before_tts(),  # [phone-features hook]
