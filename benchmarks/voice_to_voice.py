@@ -29,6 +29,15 @@ p50/p95 (the caller's last audio frame to the first bot audio), overhead (that m
 800 ms the fakes add), false turn-ends (an utterance with a pause cut into two turns in
 the LLM context: the bot took the pause for the end) and dead air (no bot audio within
 1.5 s). Writes ``benchmarks/results/turn_kinds.json``.
+
+``--tool-chains`` measures turns whose reply needs tools against a plain turn of the same
+call, with the same cloud-like delays: per chain, the first bot audio at the phone (the
+"Let me check." acknowledgement) and when the answer was ready (its text at the TTS plus
+the TTS's first-audio delay; the plain turn's reply is measured the same way), and their
+ratio to the plain turn. Chains: verify then check availability then answer (three LLM
+requests); verify with the service named, whose result carries the slots, then answer
+(two); two parallel tool calls then answer (two). Writes
+``benchmarks/results/tool_chains.json``.
 """
 
 from __future__ import annotations
@@ -171,11 +180,16 @@ async def main() -> int:
         "--turn-kinds", action="store_true", help="per turn kind, against the reference bot"
     )
     parser.add_argument(
+        "--tool-chains", action="store_true", help="tool-chain turns against a plain turn"
+    )
+    parser.add_argument(
         "--targets",
         default="ours,ours-speculative,reference",
         help="for --turn-kinds: ours, ours-speculative (SPECULATIVE_REPLIES=true), reference",
     )
     args = parser.parse_args()
+    if args.tool_chains:
+        return await tool_chains_main(runs=args.runs)
     if args.turn_kinds:
         return await turn_kinds_main(runs=args.runs, targets=args.targets.split(","))
 
@@ -423,6 +437,109 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
                 "rows": rows,
                 "samples": [vars(x) for x in samples],
             },
+            indent=2,
+        )
+    )
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+# -- tool chains, against a plain turn -------------------------------------------------------
+
+#: The chains measured: the model's steps after the caller's words (the answer last).
+CHAINS: dict[str, list[Any]] = {
+    "verify > availability > answer": [
+        ("verify_customer", {"date_of_birth": "1985-04-12"}),
+        ("check_availability", {"service_type": "oil_change"}),
+    ],
+    "verify+service > answer": [
+        ("verify_customer", {"date_of_birth": "1985-04-12", "service_type": "oil_change"}),
+    ],
+    "parallel pair > answer": [
+        [("verify_customer", {"date_of_birth": "1985-04-12"}), ("list_appointments", {})],
+    ],
+}
+CHAIN_ANSWER = "Thanks, Maria. I have Tuesday at nine for the oil change. Does that work?"
+
+
+async def chain_call(database_url: str, redis_url: str, steps: list[Any]) -> dict[str, float]:
+    """One call: a plain turn, then the tool chain; phone and TTS times of both."""
+    from tests.fakes.openai_chat import call_tool, call_tools, say
+
+    script: list[Any] = [say("Sure. Can you confirm your date of birth?")]
+    for step in steps:
+        script.append(call_tools(step) if isinstance(step, list) else call_tool(*step))
+    script.append(say(CHAIN_ANSWER))
+    stt = FakeDeepgramSTT(final_delay=TURN_DELAYS["stt_final"])
+    tts = FakeDeepgramTTS(secs_per_char=0.03, first_byte_delay=TURN_DELAYS["tts_first_byte"])
+    llm = FakeOpenAI(script, first_token_delay=TURN_DELAYS["llm_first_token"])
+    async with running_agent(
+        database_url=database_url, redis_url=redis_url, stt=stt, tts=tts, llm=llm
+    ) as agent:
+        stt.script(["Hi, I need an oil change for my Camry.", "April twelfth, 1985."])
+        client = await agent.inbound_call("+15555550100")
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=30)
+        await client.wait_for_bot_silence(silence_secs=0.6, timeout=30)
+        times: dict[str, float] = {}
+        for label in ("plain", "chain"):
+            spoken = len(tts.texts)
+            end = await client.send_audio(speech_ulaw(0.8))
+            await client.wait_for_bot_audio(min_seconds=0.2, timeout=30, since=end)
+            await client.wait_for_bot_silence(silence_secs=0.6, timeout=30)
+            said = [t.strip() for t in tts.texts[spoken:]]
+            reply = next(
+                i
+                for i, t in enumerate(said)
+                if t.startswith(("Sure", "Thanks", "Let me")) and t != "Let me check."
+            )
+            times[f"{label}_first_audio"] = client.first_bot_audio_after(end) - end
+            times[f"{label}_answer_ready"] = (
+                tts.spoken_at[spoken + reply] - end + TURN_DELAYS["tts_first_byte"]
+            )
+            times[f"{label}_acknowledged"] = float("Let me check." in said)
+        await client.hang_up()
+        return times
+
+
+async def tool_chains_main(*, runs: int) -> int:
+    """Run ``runs`` calls per chain and print first audio and answer time against plain."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in CHAINS}
+    async with seeded_database("va-chains") as (database_url, redis_url):
+        for _ in range(runs):
+            for name, steps in CHAINS.items():
+                with psycopg.connect(database_url, autocommit=True) as conn:
+                    conn.execute("DELETE FROM appointments WHERE call_sid IS NOT NULL")
+                samples[name].append(await chain_call(database_url, redis_url, steps))
+    header = (
+        f"{'chain':<32} {'LLM req':>7} {'plain v2v':>9} {'first audio':>11} "
+        f"{'plain answer':>12} {'chain answer':>12} {'ratio':>6} {'ack':>4}"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for name, runs_ in samples.items():
+        med = {k: statistics.median(r[k] for r in runs_) for k in runs_[0]}
+        row = {
+            "chain": name,
+            "llm_requests": len(CHAINS[name]) + 1,
+            "plain_first_audio_ms": round(med["plain_first_audio"] * 1000),
+            "chain_first_audio_ms": round(med["chain_first_audio"] * 1000),
+            "plain_answer_ms": round(med["plain_answer_ready"] * 1000),
+            "chain_answer_ms": round(med["chain_answer_ready"] * 1000),
+            "answer_ratio": round(med["chain_answer_ready"] / med["plain_answer_ready"], 2),
+            "acknowledged": sum(r["chain_acknowledged"] for r in runs_) / len(runs_),
+        }
+        rows.append(row)
+        print(
+            f"{name:<32} {row['llm_requests']:>7} {row['plain_first_audio_ms']:>9} "
+            f"{row['chain_first_audio_ms']:>11} {row['plain_answer_ms']:>12} "
+            f"{row['chain_answer_ms']:>12} {row['answer_ratio']:>6} {row['acknowledged']:>4}"
+        )
+    out = ROOT / "benchmarks" / "results" / "tool_chains.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"fake_delays_secs": TURN_DELAYS, "runs": runs, "rows": rows, "samples": samples},
             indent=2,
         )
     )

@@ -58,7 +58,8 @@ OVERVIEW_LINE = (
     "The verification result already lists their vehicles (vehicle_id, name, service_due) "
     "and upcoming appointments (appointment_id, when, services, vehicle): use them as they "
     "are, without calling get_vehicle_history or list_appointments for the same facts. "
-    "Call get_vehicle_history only for mileage, past visits, recalls or warranty."
+    "Call get_vehicle_history only for mileage, past visits, recalls or warranty. If it "
+    "holds availability for the service they asked for, offer those slots as they are."
 )
 #: Tools whose call keeps the caller waiting on the database or the calendar, and usually
 #: on another LLM round trip after it: a reply that starts with one of them gets a short
@@ -168,7 +169,9 @@ class CallFlow:
                 "about their vehicles, history or appointments, identify and verify them: if "
                 "caller ID matched, ask for ONE of date of birth, ZIP code or the last four "
                 "of a VIN; otherwise find their record with lookup_customer first and ask "
-                "for TWO of them. General questions (hours, services, prices) need no "
+                "for TWO of them. If they already said which service they want, pass its "
+                "code to verify_customer as service_type: its result then holds the open "
+                "slots too. General questions (hours, services, prices) need no "
                 "verification."
             )
             names = (*IDENTIFY_TOOLS, "check_availability")

@@ -234,6 +234,70 @@ async def test_verification_stands_when_the_overview_cannot_be_read(
     assert ctx.session.verified
 
 
+async def test_verification_with_a_service_carries_bookable_slots(
+    pool, redis_client, crm_data
+) -> None:
+    """verify_customer(service_type=...) holds check_availability's slots: one round trip."""
+    from tools.customers import identify_caller
+
+    ctx = make_ctx(pool, redis_client, ANA_PHONE)
+    assert await identify_caller(ctx)
+    result = await run_tool(
+        ctx, "verify_customer", {"date_of_birth": "1985-04-12", "service_type": "oil_change"}
+    )
+    assert result["verified"] and result["vehicles"][0]["name"] == "2021 Toyota Camry SE"
+    availability = result["availability"]
+    assert availability["ok"] and availability["service"] == "oil change"
+    assert 1 <= len(availability["slots"]) <= 5
+    # The same slots check_availability offers, remembered for booking: the first books.
+    assert availability == await run_tool(ctx, "check_availability", {"service_type": "oil_change"})
+    booked = await run_tool(
+        ctx,
+        "book_appointment",
+        {
+            "slot_id": availability["slots"][0]["slot_id"],
+            "vehicle_id": crm_data["ana_vehicle"],
+            "service_type": "oil_change",
+        },
+    )
+    assert booked["ok"], booked
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM appointments WHERE id = %s AND status = 'scheduled'",
+            (booked["appointment_id"],),
+        )
+        assert (await cur.fetchone())[0] == 1
+    assert "1985" not in json.dumps(result) and ANA_PHONE not in json.dumps(result)
+
+
+async def test_verification_with_an_unknown_service_still_verifies(
+    pool, redis_client, crm_data
+) -> None:
+    from tools.customers import identify_caller
+
+    ctx = make_ctx(pool, redis_client, ANA_PHONE)
+    assert await identify_caller(ctx)
+    result = await run_tool(
+        ctx, "verify_customer", {"date_of_birth": "1985-04-12", "service_type": "teleport"}
+    )
+    assert result["verified"] and ctx.session.verified
+    assert result["availability"]["ok"] is False
+    assert "teleport" in result["availability"]["say"]
+    assert result["vehicles"]
+
+
+async def test_a_failed_verification_looks_up_no_slots(pool, redis_client, crm_data) -> None:
+    from tools.customers import identify_caller
+
+    ctx = make_ctx(pool, redis_client, ANA_PHONE)
+    assert await identify_caller(ctx)
+    result = await run_tool(
+        ctx, "verify_customer", {"date_of_birth": "1990-01-01", "service_type": "oil_change"}
+    )
+    assert result["ok"] is False and "availability" not in result
+    assert not ctx.session.offered_slots and not ctx.session.verified
+
+
 async def _vin(pool, vehicle_id: int) -> str:
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT vin FROM vehicles WHERE id = %s", (vehicle_id,))

@@ -16,7 +16,9 @@ written in one statement, cannot disagree with itself.
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -27,7 +29,7 @@ from core.pii import mask_phone
 from crm import customers as crm_customers
 from tools.context import ToolContext
 from tools.overview import account_overview
-from tools.registry import ToolRefusal, tool
+from tools.registry import ToolRefusal, run_tool, tool
 
 #: Comparisons allowed per customer per :data:`ATTEMPT_WINDOW` (the CHECK constraint
 #: ``customers_verification_attempts_max`` holds the same bound).
@@ -225,12 +227,19 @@ async def _compare_zip(
         "Ask for ONE of: date of birth, ZIP code, or the last 4 characters of a vehicle's "
         "VIN (two of them if caller ID did not match). Never read any of these back. Once "
         "verified, the result lists the caller's vehicles (with the vehicle_id to book with) "
-        "and upcoming appointments (with the appointment_id to change)."
+        "and upcoming appointments (with the appointment_id to change). If the caller has "
+        "already said which service they want, pass its code as service_type: the result "
+        "then also carries the next open slots for it (as check_availability returns them), "
+        "so you can offer a time without another lookup."
     ),
     properties={
         "date_of_birth": {"type": "string", "description": "Date of birth as YYYY-MM-DD."},
         "zip_code": {"type": "string", "description": "5-digit ZIP code of the account."},
         "vin_last4": {"type": "string", "description": "Last 4 characters of a VIN."},
+        "service_type": {
+            "type": "string",
+            "description": "Service code the caller asked for, e.g. oil_change (optional).",
+        },
     },
     mutating=True,  # records attempts: a barge-in must not cut the failure count short
 )
@@ -240,8 +249,14 @@ async def verify_customer(
     date_of_birth: str | None = None,
     zip_code: str | None = None,
     vin_last4: str | None = None,
+    service_type: str | None = None,
 ) -> dict[str, Any]:
-    """Check verification factors for the matched customer."""
+    """Check verification factors for the matched customer.
+
+    Once verified, the result carries the caller's account overview and, when
+    ``service_type`` is given, the next open slots for that service: one tool round trip
+    where a booking call would otherwise need two (verify, then check availability).
+    """
     session = ctx.session
     if session.customer_id is None:
         raise ToolRefusal(
@@ -249,7 +264,7 @@ async def verify_customer(
             code="no_customer",
         )
     if session.verified:
-        return await _verified_result(ctx, session.customer_id)
+        return await _verified_result(ctx, session.customer_id, service_type=service_type)
     customer_id = session.customer_id
     if not (date_of_birth or zip_code or vin_last4):
         raise ToolRefusal(
@@ -286,7 +301,7 @@ async def verify_customer(
         session.verified = True
         async with ctx.db.connection() as conn:
             await crm_customers.record_verification_success(conn, customer_id)
-        return await _verified_result(ctx, customer_id)
+        return await _verified_result(ctx, customer_id, service_type=service_type)
     return {
         "ok": True,
         "verified": False,
@@ -295,25 +310,46 @@ async def verify_customer(
     }
 
 
-async def _verified_result(ctx: ToolContext, customer_id: int, **extra: Any) -> dict[str, Any]:
+async def _verified_result(
+    ctx: ToolContext, customer_id: int, *, service_type: str | None = None, **extra: Any
+) -> dict[str, Any]:
     """The result of a completed verification: the first name, plus the caller's vehicles
     and upcoming appointments (:func:`tools.overview.account_overview`), so the model needs
-    no second round trip before talking about them. No verification factor is in it.
+    no second round trip before talking about them, and with ``service_type`` the open
+    slots for that service (``check_availability``'s own result, its slots remembered for
+    booking), looked up at the same time. No verification factor is in it.
 
-    The verification stands even when the overview cannot be read (the database failing
-    right after it): the result then says so, and the model falls back on the vehicle and
-    appointment tools."""
+    The verification stands even when the overview or the slots cannot be read (the
+    database failing right after it, a service code the dealership does not know): the
+    result then says so, and the model falls back on the other tools."""
     result: dict[str, Any] = {
         "ok": True,
         **extra,
         "verified": True,
         "first_name": ctx.session.customer_first_name,
     }
-    try:
-        result.update(await account_overview(ctx, customer_id))
-    except Exception as exc:
-        logger.warning(f"account overview of customer {customer_id} failed: {type(exc).__name__}")
+    lookups: list[Coroutine[Any, Any, dict[str, Any]]] = [account_overview(ctx, customer_id)]
+    if service_type:
+        # Through run_tool: the same argument checks, refusals and error handling as
+        # when the model calls check_availability itself (and no import cycle).
+        lookups.append(run_tool(ctx, "check_availability", {"service_type": service_type}))
+    overview, *availability = await asyncio.gather(*lookups, return_exceptions=True)
+    if isinstance(overview, BaseException):
+        if isinstance(overview, asyncio.CancelledError):
+            raise overview
+        logger.warning(
+            f"account overview of customer {customer_id} failed: {type(overview).__name__}"
+        )
         result["account_details"] = "unavailable"
+    else:
+        result.update(overview)
+    if availability:
+        if isinstance(availability[0], BaseException):
+            if isinstance(availability[0], asyncio.CancelledError):
+                raise availability[0]
+            result["availability"] = {"ok": False, "error": "internal"}
+        else:
+            result["availability"] = availability[0]
     return result
 
 
