@@ -44,8 +44,26 @@ def _applies(req: Requirement, extras: set[str]) -> bool:
     )
 
 
-def closure(requirements: list[str]) -> dict[str, str]:
-    """Installed versions of ``requirements`` and everything they need, by name."""
+def locked_versions() -> dict[str, str]:
+    """What the lock file pins now, by canonical name (empty when there is none)."""
+    if not LOCK.exists():
+        return {}
+    pins: dict[str, str] = {}
+    for line in LOCK.read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def closure(requirements: list[str], *, previous: dict[str, str] | None = None) -> dict[str, str]:
+    """Installed versions of ``requirements`` and everything they need, by name.
+
+    A dependency that only another Python needs (``async-timeout`` below 3.11.3, on a
+    Debian base's 3.11.2) is not installed here: it keeps its version from ``previous``
+    (the current lock), and without one it is an error that says what to do.
+    """
+    previous = previous or {}
     pinned: dict[str, str] = {}
     seen: set[tuple[str, frozenset[str]]] = set()
     todo = [(Requirement(r), set()) for r in requirements]
@@ -56,7 +74,17 @@ def closure(requirements: list[str]) -> dict[str, str]:
         if key in seen:
             continue
         seen.add(key)
-        dist = metadata.distribution(req.name)
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            if name not in previous:
+                raise SystemExit(
+                    f"{req.name} is needed by the image ({req}) but not installed here, and "
+                    f"the lock has no version of it: pip install it (or add {name}==VERSION "
+                    "to deploy/requirements.lock by hand), then run this again"
+                ) from None
+            pinned[name] = previous[name]
+            continue
         pinned[name] = dist.version
         for line in dist.requires or []:
             sub = Requirement(line)
@@ -68,7 +96,7 @@ def closure(requirements: list[str]) -> dict[str, str]:
 def render() -> str:
     """The lock file's text."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = closure(project["dependencies"])
+    pins = closure(project["dependencies"], previous=locked_versions())
     return HEADER + "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))
 
 

@@ -139,6 +139,28 @@ def test_requirements_lock_has_every_pin_of_pyproject() -> None:
         )
 
 
+def test_lock_keeps_a_dependency_only_another_python_needs() -> None:
+    """``deploy/lock.py`` locks what the image's Python needs even when this one does not.
+
+    ``redis`` needs ``async-timeout`` below Python 3.11.3 (a Debian base has 3.11.2): on a
+    newer 3.11 it is not installed, and the script used to crash on it. A dependency that
+    is not installed keeps its version from the current lock; with none to keep, the
+    script says what to do.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_lock", DEPLOY / "lock.py")
+    assert spec and spec.loader
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    absent = "no-such-dist-for-the-lock"
+    kept = lock.closure([f"{absent}==1.0", "packaging"], previous={absent: "1.0"})
+    assert kept[absent] == "1.0" and "packaging" in kept
+    with pytest.raises(SystemExit, match=f"{absent} is needed by the image"):
+        lock.closure([f"{absent}==1.0"], previous={})
+    assert lock.locked_versions()["async-timeout"]  # locked for the Debian base's Python
+
+
 def test_ci_runs_the_readmes_test_command_with_the_type_check() -> None:
     """``.ci/run`` runs exactly the README's test command; lint, format and types first."""
     readme = (REPO / "README.md").read_text()
