@@ -7,8 +7,9 @@
 * the Kubernetes manifests build with kustomize (``kubectl kustomize`` where kubectl is
   installed, else the kustomization's resource list is checked file by file) and every
   object validates against the Kubernetes schemas shipped in ``kubernetes-validate``;
-* the Prometheus rules pass ``promtool`` where it is installed, and always a structure
-  check; the rules and the Grafana dashboard use only metrics the app exports.
+* the Prometheus rules and config pass ``promtool`` (Debian's ``prometheus`` package,
+  installed when missing), and a structure check; the rules and the Grafana dashboard use
+  only metrics the app exports.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from core.metrics import series_names
 from core.profile import load_profile
 from core.supervisor import available_cpus
 from tests.harness import free_port
+from tests.system_packages import apt_install
 from tests.test_architecture import LAYERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,27 +331,36 @@ def test_alert_rules_are_valid_and_cover_latency_tool_errors_and_readiness(
     assert "voice_agent_ready_workers" in by_name["NoReadyInstance"]["expr"]
     used = {m for rule in rules for m in METRIC.findall(rule["expr"])}
     assert used <= series_names(), used - series_names()
-    promtool = shutil.which("promtool")
-    if promtool:  # installed here (Debian's prometheus package); not in every CI
-        result = subprocess.run(
-            [promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        config = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
-        shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
-        (tmp_path / "prometheus.yml").write_text(
-            config.replace("/etc/prometheus/alerts.yml", str(tmp_path / "alerts.yml"))
-        )
-        result = subprocess.run(
-            [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+    if not shutil.which("promtool"):  # Debian's prometheus package ships it
+        log = apt_install(["prometheus"], installed=lambda: bool(shutil.which("promtool")))
+        assert shutil.which("promtool"), "promtool could not be installed:\n" + "\n".join(log)
+    promtool = str(shutil.which("promtool"))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    (tmp_path / "prometheus.yml").write_text(
+        config.replace("/etc/prometheus/alerts.yml", str(tmp_path / "alerts.yml"))
+    )
+    result = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # And promtool does fail a broken rule file (so the checks above can fail).
+    broken = tmp_path / "broken.yml"
+    broken.write_text("groups:\n- name: x\n  rules:\n  - alert: A\n    expr: rate(\n")
+    result = subprocess.run(
+        [promtool, "check", "rules", str(broken)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
 
 
 def test_grafana_dashboard_shows_the_apps_metrics() -> None:
