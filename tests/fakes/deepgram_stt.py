@@ -159,6 +159,8 @@ class FakeDeepgramSTT:
         end_interim_text: Callable[[str], str] | None = None,
         eager_silence_secs: float = 0.15,
         update_secs: float = 0.25,
+        eot_waits_for_all_parts: bool = False,
+        eot_timeout_secs: float = 5.0,
     ) -> None:
         """Initialises the fake (not started yet).
 
@@ -183,6 +185,10 @@ class FakeDeepgramSTT:
             eager_silence_secs: Flux only: silence after which ``EagerEndOfTurn`` is sent
                 (when the connection asked for it); speech after it is a resumed turn.
             update_secs: Flux only: audio time between ``Update`` messages.
+            eot_waits_for_all_parts: Flux only: a turn scripted in parts does not end
+                before its last part has been said (a model that hears the sentence is
+                unfinished); ``eot_timeout_secs`` of silence still ends it.
+            eot_timeout_secs: Flux only: silence that ends any turn (``eot_timeout_ms``).
         """
         self._script: list[ScriptItem] = list(script or [])
         self.api_key = api_key
@@ -197,6 +203,8 @@ class FakeDeepgramSTT:
         self.end_interim_text = end_interim_text
         self.eager_silence_secs = eager_silence_secs
         self.update_secs = update_secs
+        self.eot_waits_for_all_parts = eot_waits_for_all_parts
+        self.eot_timeout_secs = eot_timeout_secs
         self.flux_messages: list[dict[str, Any]] = []
         self.url = ""
         self.queries: list[dict[str, list[str]]] = []
@@ -661,7 +669,8 @@ class FakeDeepgramSTT:
             if eager and not turn.eager_sent and turn.silence + 1e-9 >= self.eager_silence_secs:
                 turn.eager_sent = True
                 self._flux_turn_info(session, turn, "EagerEndOfTurn", 0.6, self.final_delay)
-            if turn.silence + 1e-9 >= self.silence_secs:
+            unfinished = self.eot_waits_for_all_parts and turn.heard < len(turn.parts)
+            if turn.silence + 1e-9 >= (self.eot_timeout_secs if unfinished else self.silence_secs):
                 session.turn = None
                 self.speech_ended_at.append(turn.last_speech_wall)
                 self._flux_turn_info(session, turn, "EndOfTurn", 0.9, self.final_delay)
