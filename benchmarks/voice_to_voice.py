@@ -185,7 +185,8 @@ async def main() -> int:
     parser.add_argument(
         "--targets",
         default="ours,ours-speculative,reference",
-        help="for --turn-kinds: ours, ours-speculative (SPECULATIVE_REPLIES=true), reference",
+        help="for --turn-kinds: ours, ours-speculative (SPECULATIVE_REPLIES=true), ours-flux "
+        "(DEEPGRAM_STT_MODEL=flux-general-en), ours-flux-speculative (both), reference",
     )
     args = parser.parse_args()
     if args.tool_chains:
@@ -302,7 +303,10 @@ async def corpus_call(
     client = TwilioMediaClient(
         stream_url, call_sid=call_sid, account_sid=ACCOUNT_SID, custom_parameters=params
     )
-    stt.script([part for utterance in CORPUS for part in utterance.parts])
+    if target.startswith("ours-flux"):  # a Flux turn is one utterance, said in parts
+        stt.script([list(utterance.parts) for utterance in CORPUS])
+    else:
+        stt.script([part for utterance in CORPUS for part in utterance.parts])
     try:
         await client.connect()
         await client.wait_for_bot_audio(min_seconds=0.3, timeout=60)
@@ -362,8 +366,19 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
         llm = FakeOpenAI(
             [corpus_replies] * 10_000, first_token_delay=TURN_DELAYS["llm_first_token"]
         )
+        # Flux: the turn ends 0.3 s into the caller's silence, its EndOfTurn arriving with
+        # the same 250 ms as Nova's final; a pause between an utterance's parts (0.6 s and
+        # more, longer than espeak's 0.16 s gaps between words) is not an end of turn (a
+        # Flux that hears the sentence is unfinished: the fake knows the script) but, when
+        # asked for, an EagerEndOfTurn 0.25 s into it and a TurnResumed after it.
+        flux_stt = FakeDeepgramSTT(
+            final_delay=TURN_DELAYS["stt_final"],
+            silence_secs=0.3,
+            eager_silence_secs=0.25,
+            eot_waits_for_all_parts=True,
+        )
         twilio = FakeTwilioREST(ACCOUNT_SID, AUTH_TOKEN)
-        async with stt, tts, llm, twilio:
+        async with stt, flux_stt, tts, llm, twilio:
             env = server_env(
                 database_url=database_url,
                 redis_url=redis_url,
@@ -374,14 +389,22 @@ async def turn_kinds_main(*, runs: int, targets: list[str]) -> int:
             )
             for target in targets:
                 kind = "reference" if target == "reference" else "ours"
-                extra = {"SPECULATIVE_REPLIES": "true"} if target == "ours-speculative" else {}
+                extra: dict[str, str] = {}
+                if target.endswith("speculative"):
+                    extra["SPECULATIVE_REPLIES"] = "true"
+                if target.startswith("ours-flux"):
+                    extra |= {
+                        "DEEPGRAM_STT_MODEL": "flux-general-en",
+                        "DEEPGRAM_STT_URL": flux_stt.url,
+                    }
+                target_stt = flux_stt if target.startswith("ours-flux") else stt
                 server = ServerUnderTest(
                     kind, 1, {**env, **extra}, results / f"turn-kinds-{target}.log"
                 )
                 try:
                     await server.wait_ready()
                     for _ in range(runs):
-                        samples += await corpus_call(server, target, stt, llm, database_url)
+                        samples += await corpus_call(server, target, target_stt, llm, database_url)
                         await asyncio.sleep(1.0)
                 finally:
                     server.stop()

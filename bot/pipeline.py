@@ -25,9 +25,11 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMUserAggregatorParams,
 )
 from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.services.deepgram.flux.stt import DeepgramFluxSTTService
 from pipecat.services.deepgram.stt import DeepgramSTTService
 from pipecat.services.deepgram.tts import DeepgramTTSService
 from pipecat.services.openai.llm import OpenAILLMService
+from pipecat.transcriptions.language import Language
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_mute import FunctionCallUserMuteStrategy
 from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
@@ -200,12 +202,53 @@ async def _close_quietly(stream: Any) -> None:
             logger.debug(f"closing an abandoned LLM stream failed: {type(exc).__name__}")
 
 
-def _services(resources: AppResources, system_prompt: str, sample_rate: int, language: str = "en"):
+def is_flux_model(model: str) -> bool:
+    """Whether ``DEEPGRAM_STT_MODEL`` names a Flux model (``flux-general-en``, ...)."""
+    return model.strip().lower().startswith("flux")
+
+
+def flux_listen_url(base_url: str | None) -> str:
+    """Flux's listen endpoint (``/v2/listen``) under ``DEEPGRAM_STT_URL``.
+
+    Args:
+        base_url: The configured base URL (``ws(s)://`` or ``http(s)://``, no path);
+            empty or ``None`` means Deepgram's cloud.
+
+    Returns:
+        The WebSocket URL Pipecat's Flux service connects to.
+    """
+    base = (base_url or "wss://api.deepgram.com").rstrip("/")
+    if base.startswith("https://"):
+        base = "wss://" + base.removeprefix("https://")
+    elif base.startswith("http://"):
+        base = "ws://" + base.removeprefix("http://")
+    return base.removesuffix("/v1/listen").removesuffix("/v2/listen") + "/v2/listen"
+
+
+def _stt(resources: AppResources, sample_rate: int) -> DeepgramSTTService | DeepgramFluxSTTService:
+    """Deepgram's speech recognition: Flux (its own turn detection) or Nova."""
     settings = resources.settings
-    settings.require("OPENAI_API_KEY", "DEEPGRAM_API_KEY")
-    assert settings.deepgram_api_key is not None and settings.openai_api_key is not None
-    stt = DeepgramSTTService(
-        api_key=settings.deepgram_api_key.get_secret_value(),
+    assert settings.deepgram_api_key is not None
+    api_key = settings.deepgram_api_key.get_secret_value()
+    if is_flux_model(settings.deepgram_stt_model):
+        # Flux ends turns itself (StartOfTurn / EndOfTurn); with speculative replies its
+        # EagerEndOfTurn starts the reply, which a TurnResumed withdraws.
+        return DeepgramFluxSTTService(
+            api_key=api_key,
+            url=flux_listen_url(settings.deepgram_stt_url),
+            sample_rate=sample_rate,
+            enable_eager_end_of_turn=settings.speculative_replies,
+            settings=DeepgramFluxSTTService.Settings(
+                model=settings.deepgram_stt_model,
+                keyterm=resources.profile.speech_keyterms(),
+                # flux-general-multi only (the others warn and ignore them).
+                language_hints=[Language(code) for code in resources.profile.phone.languages]
+                if "multi" in settings.deepgram_stt_model
+                else None,
+            ),
+        )
+    return DeepgramSTTService(
+        api_key=api_key,
         base_url=settings.deepgram_stt_url or "",
         sample_rate=sample_rate,
         settings=DeepgramSTTService.Settings(
@@ -217,6 +260,13 @@ def _services(resources: AppResources, system_prompt: str, sample_rate: int, lan
             keyterm=resources.profile.speech_keyterms(),
         ),
     )
+
+
+def _services(resources: AppResources, system_prompt: str, sample_rate: int, language: str = "en"):
+    settings = resources.settings
+    settings.require("OPENAI_API_KEY", "DEEPGRAM_API_KEY")
+    assert settings.deepgram_api_key is not None and settings.openai_api_key is not None
+    stt = _stt(resources, sample_rate)
     tts = DeepgramTTSService(
         api_key=settings.deepgram_api_key.get_secret_value(),
         base_url=settings.deepgram_tts_url or "wss://api.deepgram.com",
@@ -246,7 +296,7 @@ class CallPipeline:
     manager: FlowManager
     flow: CallFlow
     aggregators: LLMContextAggregatorPair
-    stt: DeepgramSTTService
+    stt: DeepgramSTTService | DeepgramFluxSTTService
     llm: OpenAISharedClientLLMService
     tts: DeepgramTTSService
     latency: LatencyObserver
@@ -314,7 +364,7 @@ def build_call_pipeline(
         if settings.tool_acknowledgement
         else None
     )
-    aggregators = _aggregators(resources, options)
+    aggregators = _aggregators(resources, options, stt)
     pipeline = Pipeline(
         [
             transport.input(),
@@ -380,33 +430,58 @@ def build_call_pipeline(
     )
 
 
-def _aggregators(resources: AppResources, options: CallOptions) -> LLMContextAggregatorPair:
-    """The context aggregators: VAD, barge-in and smart-turn strategies, idle detection."""
+def _aggregators(
+    resources: AppResources,
+    options: CallOptions,
+    stt: DeepgramSTTService | DeepgramFluxSTTService,
+) -> LLMContextAggregatorPair:
+    """The context aggregators: VAD, barge-in and smart-turn strategies, idle detection.
+
+    With Flux the turn strategies are the ones the service recommends: its own
+    StartOfTurn / EndOfTurn decide the turn (Pipecat's external strategies), and with
+    speculative replies its EagerEndOfTurn starts the reply (Pipecat's eager strategies,
+    the LLM service's speculation gate holding it until EndOfTurn). The VAD still runs,
+    for the latency figures only.
+    """
     settings = resources.settings
-    barge_in = BargeInUserTurnStartStrategy(
-        min_words=settings.barge_in_min_words,
-        min_speech_secs=settings.barge_in_min_speech_secs,
-        max_backchannel_words=settings.barge_in_max_backchannel_words,
-        protect_first_utterance=settings.barge_in_protect_disclosure,
-    )
     context = LLMContext()
-    stop: TurnAnalyzerUserTurnStopStrategy
-    if settings.speculative_replies:
-        stop = SpeculativeUserTurnStopStrategy.for_context(
-            turn_analyzer=new_turn_analyzer(), context=context
-        )
-    elif settings.turn_stop_on_answer:
-        stop = ExpectedAnswerUserTurnStopStrategy.for_context(
-            turn_analyzer=new_turn_analyzer(), context=context
-        )
+    strategies: UserTurnStrategies
+    if isinstance(stt, DeepgramFluxSTTService):
+        strategies = stt.recommended_user_turn_strategies(enable_interruptions=True)
     else:
-        stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=new_turn_analyzer())
+        strategies = UserTurnStrategies(
+            start=[
+                BargeInUserTurnStartStrategy(
+                    min_words=settings.barge_in_min_words,
+                    min_speech_secs=settings.barge_in_min_speech_secs,
+                    max_backchannel_words=settings.barge_in_max_backchannel_words,
+                    protect_first_utterance=settings.barge_in_protect_disclosure,
+                )
+            ],
+            stop=[_stop_strategy(resources, context)],
+        )
     return LLMContextAggregatorPair(
         context,
         user_params=LLMUserAggregatorParams(
             vad_analyzer=new_vad_analyzer(),
-            user_turn_strategies=UserTurnStrategies(start=[barge_in], stop=[stop]),
+            user_turn_strategies=strategies,
             user_mute_strategies=[FunctionCallUserMuteStrategy()],
             user_idle_timeout=options.user_idle_timeout,
         ),
     )
+
+
+def _stop_strategy(
+    resources: AppResources, context: LLMContext
+) -> TurnAnalyzerUserTurnStopStrategy:
+    """The end-of-turn strategy with Nova: smart-turn, plus answers or speculation."""
+    settings = resources.settings
+    if settings.speculative_replies:
+        return SpeculativeUserTurnStopStrategy.for_context(
+            turn_analyzer=new_turn_analyzer(), context=context
+        )
+    if settings.turn_stop_on_answer:
+        return ExpectedAnswerUserTurnStopStrategy.for_context(
+            turn_analyzer=new_turn_analyzer(), context=context
+        )
+    return TurnAnalyzerUserTurnStopStrategy(turn_analyzer=new_turn_analyzer())

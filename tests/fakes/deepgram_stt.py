@@ -9,6 +9,17 @@ The fake finds speech by energy: a burst of non-silent audio followed by ``silen
 of silence (measured in audio time, so pacing does not matter) is one utterance, and gets
 the next scripted transcript. ``Finalize`` finalises the current burst at once
 (``from_finalize: true``), as Deepgram does.
+
+A connection to ``/v2/listen`` (Pipecat's ``DeepgramFluxSTTService``) speaks Flux instead:
+``Connected`` first, then ``TurnInfo`` messages (``StartOfTurn``, ``Update``, and, when the
+query asks for them with ``eager_eot_threshold``, ``EagerEndOfTurn`` / ``TurnResumed``, then
+``EndOfTurn``), each with ``request_id``, ``sequence_id``, ``turn_index``,
+``audio_window_start``/``_end``, ``transcript``, ``words`` and ``end_of_turn_confidence``, as
+Deepgram documents them. A turn ends after ``silence_secs`` of silence; with eager end of
+turn on, ``eager_silence_secs`` of silence first sends ``EagerEndOfTurn``, and speech
+resuming before the end sends ``TurnResumed``: the caller paused mid-sentence. A scripted
+turn given as a list of parts is transcribed part by part, one per stretch of speech
+between such pauses (``["I need an oil change", "for my Camry."]``).
 """
 
 from __future__ import annotations
@@ -53,6 +64,31 @@ class _Burst:
 
 
 @dataclass
+class _FluxTurn:
+    """One Flux turn on a connection (speech stretches split by pauses)."""
+
+    start: float
+    parts: list[str]
+    language: str | None = None
+    heard: int = 1
+    silence: float = 0.0
+    last_speech: float = 0.0
+    last_speech_wall: float = 0.0
+    last_update: float = 0.0
+    eager_sent: bool = False
+
+    @property
+    def text(self) -> str:
+        """What the caller has said so far in the turn."""
+        return " ".join(self.parts[: self.heard])
+
+    @property
+    def partial(self) -> str:
+        """Mid-speech: the parts before this one and the start of this one."""
+        return " ".join([*self.parts[: self.heard - 1], _prefix(self.parts[self.heard - 1])])
+
+
+@dataclass
 class _Session:
     """State of one listen connection."""
 
@@ -65,6 +101,11 @@ class _Session:
     audio_time: float = 0.0
     cursor: float = 0.0
     burst: _Burst | None = None
+    flux: bool = False
+    sequence_id: int = 0
+    turn_index: int = 0
+    turn: _FluxTurn | None = None
+    outbox: asyncio.Queue[tuple[float, dict[str, Any]]] | None = None
 
     def q(self, name: str, default: str | None = None) -> str | None:
         """The first value of a query parameter."""
@@ -99,6 +140,7 @@ class FakeDeepgramSTT:
         refuse_connections: While True, new handshakes get HTTP 503 (Deepgram down).
         refused: Handshakes refused so far.
         dropped_at: Monotonic time of each :meth:`drop`.
+        flux_messages: Every message sent on Flux (``/v2/listen``) connections, in order.
     """
 
     def __init__(
@@ -115,6 +157,10 @@ class FakeDeepgramSTT:
         send_utterance_end: bool | None = None,
         end_interim_delay: float | None = None,
         end_interim_text: Callable[[str], str] | None = None,
+        eager_silence_secs: float = 0.15,
+        update_secs: float = 0.25,
+        eot_waits_for_all_parts: bool = False,
+        eot_timeout_secs: float = 5.0,
     ) -> None:
         """Initialises the fake (not started yet).
 
@@ -136,8 +182,15 @@ class FakeDeepgramSTT:
             end_interim_text: What that last interim says, from the burst's final text
                 (default: the same text); e.g. a prefix, for a recognizer that revises
                 its last words in the final.
+            eager_silence_secs: Flux only: silence after which ``EagerEndOfTurn`` is sent
+                (when the connection asked for it); speech after it is a resumed turn.
+            update_secs: Flux only: audio time between ``Update`` messages.
+            eot_waits_for_all_parts: Flux only: a turn scripted in parts does not end
+                before its last part has been said (a model that hears the sentence is
+                unfinished); ``eot_timeout_secs`` of silence still ends it.
+            eot_timeout_secs: Flux only: silence that ends any turn (``eot_timeout_ms``).
         """
-        self._script: list[str | tuple[str, str]] = list(script or [])
+        self._script: list[ScriptItem] = list(script or [])
         self.api_key = api_key
         self.energy_threshold = energy_threshold
         self.silence_secs = silence_secs
@@ -148,6 +201,11 @@ class FakeDeepgramSTT:
         self.send_utterance_end = send_utterance_end
         self.end_interim_delay = end_interim_delay
         self.end_interim_text = end_interim_text
+        self.eager_silence_secs = eager_silence_secs
+        self.update_secs = update_secs
+        self.eot_waits_for_all_parts = eot_waits_for_all_parts
+        self.eot_timeout_secs = eot_timeout_secs
+        self.flux_messages: list[dict[str, Any]] = []
         self.url = ""
         self.queries: list[dict[str, list[str]]] = []
         self.audio = bytearray()
@@ -171,7 +229,7 @@ class FakeDeepgramSTT:
 
     # --- scripting -------------------------------------------------------------------
 
-    def script(self, utterances: Iterable[str | tuple[str, str]]) -> None:
+    def script(self, utterances: Iterable[ScriptItem]) -> None:
         """Appends transcripts for the next utterances.
 
         Args:
@@ -179,7 +237,8 @@ class FakeDeepgramSTT:
                 an utterance in a given language (``"es"``): on a ``language=multi``
                 connection every result carries its language, as Deepgram's multilingual
                 model tags them (``languages`` on the alternative, ``language`` on each
-                word; English when not given).
+                word; English when not given). On a Flux connection a list of strings
+                is one turn said in parts, with pauses between them (module docs).
         """
         self._script.extend(utterances)
 
@@ -306,7 +365,7 @@ class FakeDeepgramSTT:
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Rejects wrong paths (404) and wrong keys (401) at the handshake."""
-        if urlsplit(request.path).path.rstrip("/") != "/v1/listen":
+        if urlsplit(request.path).path.rstrip("/") not in ("/v1/listen", "/v2/listen"):
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
         if self.api_key is not None and request.headers.get("Authorization") not in (
             f"Token {self.api_key}",
@@ -336,31 +395,47 @@ class FakeDeepgramSTT:
             query=query,
             encoding=(query.get("encoding") or ["linear16"])[0],
             sample_rate=int((query.get("sample_rate") or ["16000"])[0]),
+            flux=bool(ws.request and urlsplit(ws.request.path).path.rstrip("/") == "/v2/listen"),
         )
         self.connections += 1
         self.open_connections += 1
         self._sessions.append(session)
+        if session.flux:
+            session.outbox = asyncio.Queue()
+            self._spawn(self._flux_sender(session))
+            self._flux_send(session, {"type": "Connected"})
         try:
             async for message in ws:
                 if isinstance(message, bytes):
                     self.audio += message
-                    await self._on_audio(session, message)
+                    if session.flux:
+                        self._flux_audio(session, message)
+                    else:
+                        await self._on_audio(session, message)
                     continue
                 msg = json.loads(message)
                 self.control_messages.append(msg)
                 kind = msg.get("type")
-                if kind == "KeepAlive":
+                if kind == "Configure" and session.flux:
+                    self._flux_send(
+                        session,
+                        {"type": "ConfigureSuccess", "thresholds": msg.get("thresholds") or {}},
+                    )
+                elif kind == "KeepAlive":
                     self.keepalive_count += 1
                 elif kind == "Finalize":
                     self.finalize_count += 1
                     await self._on_finalize(session)
                 elif kind == "CloseStream":
-                    await self._send_metadata(session)
+                    if not session.flux:
+                        await self._send_metadata(session)
                     await ws.close(1000)
                     break
         except Exception:
             pass
         finally:
+            if session.outbox is not None:
+                session.outbox.put_nowait((0.0, {}))
             self._sessions.remove(session)
             self.open_connections -= 1
 
@@ -485,6 +560,121 @@ class FakeDeepgramSTT:
             task.add_done_callback(self._tasks.discard)
         else:
             await emit()
+
+    # --- Flux (/v2/listen) -----------------------------------------------------------
+
+    def _flux_send(self, session: _Session, message: dict[str, Any], delay: float = 0.0) -> None:
+        """Queues one Flux message (``request_id`` and ``sequence_id`` added) to go out
+        ``delay`` seconds from now, in order behind the ones queued before it."""
+        assert session.outbox is not None
+        message = {**message, "request_id": session.request_id, "sequence_id": session.sequence_id}
+        session.sequence_id += 1
+        session.outbox.put_nowait((time.monotonic() + delay, message))
+
+    async def _flux_sender(self, session: _Session) -> None:
+        """Sends a Flux connection's queued messages, each no earlier than its time."""
+        assert session.outbox is not None
+        while True:
+            not_before, message = await session.outbox.get()
+            if not message:  # the connection closed
+                return
+            wait = not_before - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if session not in self._sessions:
+                return
+            await self._send(session, message)
+            self.flux_messages.append(message)
+            if message.get("event") == "EndOfTurn" and message["transcript"]:
+                self.transcripts_sent.append(message["transcript"])
+                self.final_sent_at.append(time.monotonic())
+            elif message.get("event") == "Update" and message["transcript"]:
+                self.interims_sent.append(message["transcript"])
+
+    def _flux_turn_info(
+        self, session: _Session, turn: _FluxTurn, event: str, confidence: float, delay: float = 0.0
+    ) -> None:
+        """Queues one ``TurnInfo`` message about ``turn``."""
+        text = {"StartOfTurn": "", "Update": turn.partial}.get(event, turn.text)
+        tokens = text.split()
+        span = max(turn.last_speech - turn.start, FRAME_SECS)
+        step = span / max(len(tokens), 1)
+        message: dict[str, Any] = {
+            "type": "TurnInfo",
+            "event": event,
+            "turn_index": session.turn_index,
+            "audio_window_start": round(turn.start, 3),
+            "audio_window_end": round(session.audio_time, 3),
+            "transcript": text,
+            "words": [
+                {
+                    "word": tok,
+                    "confidence": 0.98,
+                    "start": round(turn.start + i * step, 3),
+                    "end": round(turn.start + (i + 1) * step, 3),
+                }
+                for i, tok in enumerate(tokens)
+            ],
+            "end_of_turn_confidence": confidence,
+        }
+        if event == "EndOfTurn":
+            message["trigger"] = "model"
+        if session.q("model") == "flux-general-multi" and text:
+            message["languages"] = [turn.language or "en"]
+        self._flux_send(session, message, delay)
+
+    def _flux_audio(self, session: _Session, data: bytes) -> None:
+        """Flux's turn detection, by energy over 20 ms frames of new audio."""
+        session.buf += data
+        frame_bytes = int(session.sample_rate * FRAME_SECS) * 2  # Flux takes linear16 only
+        eager = session.q("eager_eot_threshold") is not None
+        while len(session.buf) >= frame_bytes:
+            frame = bytes(session.buf[:frame_bytes])
+            del session.buf[:frame_bytes]
+            session.audio_time += FRAME_SECS
+            loud = pcm16_rms(frame) >= self.energy_threshold
+            turn = session.turn
+            if loud:
+                now = time.monotonic()
+                if turn is None:
+                    if not self._script:
+                        self.unscripted_bursts += 1
+                        continue
+                    item = self._script.pop(0)
+                    turn = session.turn = _FluxTurn(
+                        start=session.audio_time - FRAME_SECS,
+                        parts=_parts_of(item),
+                        language=item[1] if isinstance(item, tuple) else None,
+                        last_update=session.audio_time,
+                    )
+                    self.speech_started_at.append(now)
+                    self._flux_turn_info(session, turn, "StartOfTurn", 0.02)
+                elif turn.silence + 1e-9 >= self.eager_silence_secs:
+                    # Speech after a pause: a guess withdrawn (on the words it was on),
+                    # then the next part of the turn.
+                    if turn.eager_sent:
+                        turn.eager_sent = False
+                        self._flux_turn_info(session, turn, "TurnResumed", 0.1)
+                    turn.heard = min(turn.heard + 1, len(turn.parts))
+                turn.silence = 0.0
+                turn.last_speech = session.audio_time
+                turn.last_speech_wall = now
+                if session.audio_time - turn.last_update + 1e-9 >= self.update_secs:
+                    turn.last_update = session.audio_time
+                    self._flux_turn_info(session, turn, "Update", 0.1)
+                continue
+            if turn is None:
+                continue
+            turn.silence += FRAME_SECS
+            if eager and not turn.eager_sent and turn.silence + 1e-9 >= self.eager_silence_secs:
+                turn.eager_sent = True
+                self._flux_turn_info(session, turn, "EagerEndOfTurn", 0.6, self.final_delay)
+            unfinished = self.eot_waits_for_all_parts and turn.heard < len(turn.parts)
+            if turn.silence + 1e-9 >= (self.eot_timeout_secs if unfinished else self.silence_secs):
+                session.turn = None
+                self.speech_ended_at.append(turn.last_speech_wall)
+                self._flux_turn_info(session, turn, "EndOfTurn", 0.9, self.final_delay)
+                session.turn_index += 1
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -617,9 +807,22 @@ class FakeDeepgramSTT:
         )
 
 
-def _text_of(item: str | tuple[str, str]) -> str:
+#: One scripted utterance: its text, ``(text, language)``, or (Flux) a turn's parts.
+ScriptItem = str | tuple[str, str] | list[str]
+
+
+def _text_of(item: ScriptItem) -> str:
     """The transcript of a script item."""
+    if isinstance(item, list):
+        return " ".join(item)
     return item[0] if isinstance(item, tuple) else item
+
+
+def _parts_of(item: ScriptItem) -> list[str]:
+    """The parts of a scripted Flux turn (one unless it is a list)."""
+    if isinstance(item, list):
+        return list(item) or [""]
+    return [_text_of(item)]
 
 
 def _prefix(text: str) -> str:
