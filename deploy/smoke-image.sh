@@ -5,8 +5,10 @@
 #
 #   * runs the compose file's one-shot migration (`python -m crm.migrate`) when
 #     DATABASE_URL is given (unset: the server's embedded Postgres and Redis in /data);
-#   * starts the image's CMD with WORKERS worker processes and checks that every process
-#     runs as uid 10001, GET /health and GET /ready answer 200, the worker count, and that
+#   * starts the image's CMD with WORKERS worker processes, locked down as the Kubernetes
+#     manifests run it (read-only root file system, /tmp a tmpfs, no capabilities, no
+#     privilege escalation), and checks: every process runs as uid 10001, GET /health and
+#     GET /ready answer 200, GET /metrics has the workers' samples, the worker count, and
 #     Docker's HEALTHCHECK reports `healthy`;
 #   * `docker stop` (SIGTERM): /ready turns 503 while /health stays 200, the container
 #     exits 0 before the stop timeout, and the log says the drain finished.
@@ -47,6 +49,8 @@ fi
 size=$(docker image inspect --format '{{.Size}}' "$TAG")
 record "image size" 0 "$((size / 1000000)) MB"
 
+# As deploy/k8s/deployment.yaml's securityContext (/data stays the image's volume).
+lockdown=(--read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges)
 env_args=(
     -e "PORT=$PORT" -e "WORKERS=$WORKERS" -e "DRAIN_GRACE_SECS=$DRAIN_GRACE_SECS"
     -e OPENAI_API_KEY=smoke -e DEEPGRAM_API_KEY=smoke
@@ -58,7 +62,8 @@ if [[ -n "${DATABASE_URL:-}" ]]; then env_args+=(-e "DATABASE_URL=$DATABASE_URL"
 if [[ -n "${REDIS_URL:-}" ]]; then env_args+=(-e "REDIS_URL=$REDIS_URL"); fi
 
 if [[ -n "${DATABASE_URL:-}" ]]; then
-    if out=$(docker run --rm --network host "${env_args[@]}" "$TAG" python -m crm.migrate 2>&1); then
+    if out=$(docker run --rm --network host "${lockdown[@]}" "${env_args[@]}" "$TAG" \
+        python -m crm.migrate 2>&1); then
         record "migrate (compose's one-shot)" 0 "$(tail -n 1 <<<"$out" | cut -c1-60)"
     else
         record "migrate (compose's one-shot)" 1 "$(tail -n 1 <<<"$out" | cut -c1-60)"
@@ -66,7 +71,7 @@ if [[ -n "${DATABASE_URL:-}" ]]; then
 fi
 
 docker run -d --name "$NAME" --network host --stop-timeout "$STOP_TIMEOUT" \
-    "${env_args[@]}" "$TAG" >/dev/null
+    "${lockdown[@]}" "${env_args[@]}" "$TAG" >/dev/null
 start=$(date +%s)
 health=000
 while (($(date +%s) - start < 120)); do
@@ -83,6 +88,9 @@ for _ in $(seq 1 30); do
     sleep 1
 done
 record "GET /ready" "$([[ "$ready" == 200 ]]; echo $?)" "$ready"
+
+series=$(curl -s --max-time 5 "$BASE/metrics" | grep -c '^voice_agent_' || true)
+record "GET /metrics (all workers)" "$( ((series > 0)); echo $?)" "$series voice_agent_ samples"
 
 uid=$(docker exec "$NAME" id -u 2>/dev/null || echo "?")
 uids=$(docker top "$NAME" -eo pid,uid | awk 'NR > 1 {print $2}' | sort -u | paste -sd,)
