@@ -32,6 +32,10 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 #: prometheus_client is first imported, every process of the host writes its samples to
 #: files there, and ``GET /metrics`` on any worker reports all of them.
 MULTIPROC_DIR: str | None = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+if MULTIPROC_DIR:
+    # A directory given by hand may not exist yet (an empty volume mounted at /tmp): the
+    # metrics below write their files into it as soon as they are made.
+    os.makedirs(MULTIPROC_DIR, exist_ok=True)
 
 #: Buckets (seconds) for voice-path latencies: 50 ms .. 5 s.
 VOICE_BUCKETS: tuple[float, ...] = (

@@ -5,7 +5,8 @@
 # Debian, same Python 3.11). Needs root, debootstrap and a running dockerd.
 #
 #   deploy/build-local-image.sh [IMAGE_TAG]      # default voice-agent:local
-#   docker run --rm --network host -e PORT=8000 voice-agent:local
+#   docker run --rm --network host --stop-timeout 720 -e PORT=8000 voice-agent:local
+#   deploy/smoke-image.sh                        # checks the image (README, Deploying)
 #
 # EXTRA_CA=/path/ca.pem adds a CA to the base (a TLS-inspecting proxy in front of PyPI).
 set -euo pipefail

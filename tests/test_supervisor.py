@@ -83,6 +83,19 @@ print("ok")
 """
 
 
+def test_a_given_metrics_dir_that_does_not_exist_yet_is_made(tmp_path: Path) -> None:
+    """``PROMETHEUS_MULTIPROC_DIR`` on an empty volume (Kubernetes' emptyDir at /tmp): the
+    metrics write their files as soon as ``core.metrics`` is imported, before ``serve``
+    gets to make the directory."""
+    missing = tmp_path / "metrics" / "here"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(missing), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.strip() == "ok", proc.stderr
+    assert list(missing.glob("gauge_livesum_*.db"))
+
+
 @pytest.mark.parametrize("processes", [2])
 def test_metrics_of_every_process_are_merged(tmp_path: Path, monkeypatch, processes: int) -> None:
     """Two processes write their samples; one render shows both, and a dead process's
