@@ -33,10 +33,12 @@ the LLM context: the bot took the pause for the end) and dead air (no bot audio 
 ``--tool-chains`` measures turns whose reply needs tools against a plain turn of the same
 call, with the same cloud-like delays: per chain, the first bot audio at the phone (the
 "Let me check." acknowledgement) and when the answer was ready (its text at the TTS plus
-the TTS's first-audio delay; the plain turn's reply is measured the same way), and their
-ratio to the plain turn. Chains: verify then check availability then answer (three LLM
-requests); verify with the service named, whose result carries the slots, then answer
-(two); two parallel tool calls then answer (two). Writes
+the TTS's first-audio delay; the plain turn's reply is measured the same way), their
+ratio to the plain turn, and the tool gap (the longest wait from one LLM response's first
+token to the next request: the tool round trip as the pipeline adds it). Chains: verify
+then check availability then answer (three LLM requests); verify with the service named,
+whose result carries the slots, then answer (two); two parallel tool calls then answer
+(two). Writes
 ``benchmarks/results/tool_chains.json``.
 """
 
@@ -45,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -520,6 +523,12 @@ async def chain_call(database_url: str, redis_url: str, steps: list[Any]) -> dic
                 tts.spoken_at[spoken + reply] - end + TURN_DELAYS["tts_first_byte"]
             )
             times[f"{label}_acknowledged"] = float("Let me check." in said)
+            # Between one LLM response (its first token) and the next request: the tool
+            # round trip as the pipeline adds it (tool run, frames, Flows' transition).
+            asked = [t for t in llm.request_times if t >= end]
+            gaps = [b - a - TURN_DELAYS["llm_first_token"] for a, b in itertools.pairwise(asked)]
+            times[f"{label}_tool_gap"] = max(gaps) if gaps else 0.0
+            times[f"{label}_first_request"] = asked[0] - end if asked else 0.0
         await client.hang_up()
         return times
 
@@ -535,7 +544,7 @@ async def tool_chains_main(*, runs: int) -> int:
                 samples[name].append(await chain_call(database_url, redis_url, steps))
     header = (
         f"{'chain':<32} {'LLM req':>7} {'plain v2v':>9} {'first audio':>11} "
-        f"{'plain answer':>12} {'chain answer':>12} {'ratio':>6} {'ack':>4}"
+        f"{'plain answer':>12} {'chain answer':>12} {'ratio':>6} {'tool gap':>8} {'ack':>4}"
     )
     print(header)
     print("-" * len(header))
@@ -550,13 +559,15 @@ async def tool_chains_main(*, runs: int) -> int:
             "plain_answer_ms": round(med["plain_answer_ready"] * 1000),
             "chain_answer_ms": round(med["chain_answer_ready"] * 1000),
             "answer_ratio": round(med["chain_answer_ready"] / med["plain_answer_ready"], 2),
+            "tool_gap_ms": round(med["chain_tool_gap"] * 1000),
             "acknowledged": sum(r["chain_acknowledged"] for r in runs_) / len(runs_),
         }
         rows.append(row)
         print(
             f"{name:<32} {row['llm_requests']:>7} {row['plain_first_audio_ms']:>9} "
             f"{row['chain_first_audio_ms']:>11} {row['plain_answer_ms']:>12} "
-            f"{row['chain_answer_ms']:>12} {row['answer_ratio']:>6} {row['acknowledged']:>4}"
+            f"{row['chain_answer_ms']:>12} {row['answer_ratio']:>6} {row['tool_gap_ms']:>8} "
+            f"{row['acknowledged']:>4}"
         )
     out = ROOT / "benchmarks" / "results" / "tool_chains.json"
     out.parent.mkdir(parents=True, exist_ok=True)

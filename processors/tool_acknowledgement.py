@@ -21,11 +21,13 @@ with a ``FunctionCallsStartedFrame`` (a system frame, handled on arrival, possib
 the response's queued text) before the response's ``LLMFullResponseEndFrame``. The
 decision waits for that end frame, which comes in order behind the response's text, so
 text the model said before its tool call is known by then. The phrase itself then waits
-until the response's tool results have passed (at most ``max_hold_secs``): in Pipecat 1.14
-a tool result that reaches the output transport behind bot audio is held there until the
+until the response's tool results have passed and the next LLM request has started (its
+``LLMFullResponseStartFrame``), at most ``max_hold_secs`` after the decision: in Pipecat
+1.14 frames that reach the output transport behind bot audio are held there until the
 audio has played, and the assistant aggregator does not start the next LLM request while
-the bot speaks. Said ahead of the results, the phrase would pause the whole tool chain for
-its own length; said right behind them, the next LLM request runs while it plays.
+the bot speaks. Said ahead of the results, or ahead of what Pipecat Flows sends after
+them (a node transition's context update and run), the phrase would hold the next request
+back for up to its own length; said as the request starts, it plays while the model thinks.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pipecat.frames.frames import (
     FunctionCallsStartedFrame,
     InterruptionFrame,
     LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
     LLMTextFrame,
     TTSSpeakFrame,
     UserStartedSpeakingFrame,
@@ -111,6 +114,11 @@ class ToolAcknowledgement(FrameProcessor):
             if wanted and not (self._said or self._acknowledged):
                 self._acknowledged = True
                 self._due = True
+        elif isinstance(frame, LLMFullResponseStartFrame) and downstream:
+            if self._due and not self._running:
+                # The next request has started: its context already holds the results,
+                # so the phrase plays while the model thinks, ahead of its answer.
+                await self._speak()
         await self.push_frame(frame, direction)
         if downstream and isinstance(frame, (FunctionCallResultFrame, FunctionCallCancelFrame)):
             final = not (
@@ -120,17 +128,14 @@ class ToolAcknowledgement(FrameProcessor):
             )
             if final:
                 self._running.discard(frame.tool_call_id)
-        if self._due:
-            if not self._running:
-                await self._speak()  # right behind the results
-            elif self._deadline is None:
-                self._deadline = self.create_task(self._hold(), "tool_ack_hold")
+        if self._due and self._deadline is None:
+            self._deadline = self.create_task(self._hold(), "tool_ack_hold")
 
     async def _hold(self) -> None:
         await asyncio.sleep(self._max_hold_secs)
         self._deadline = None
         if self._due:
-            logger.debug(f"{self}: tool results are slow; acknowledging anyway")
+            logger.debug(f"{self}: no answer under way yet; acknowledging anyway")
             await self._speak()
 
     async def _speak(self) -> None:
