@@ -38,6 +38,7 @@ from core.pii import mask_phone
 from core.profile import ProfileError, load_profile
 from core.resources import AppResources, StartupError, open_resources
 from core.settings import Settings, get_settings
+from core.supervisor import freeze_startup_heap
 from crm.migrate import apply_migrations
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -276,9 +277,13 @@ def _worker_process(sock: Any, ready: Any, index: int) -> None:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
-    server = DrainingServer(
-        uvicorn_config(app, settings), drain=app.state.drain, on_ready=ready.set
-    )
+
+    def started() -> None:
+        frozen = freeze_startup_heap()  # the turn models are loaded: start-up is over
+        logger.info(f"worker {index}: start-up heap frozen ({frozen} objects)")
+        ready.set()
+
+    server = DrainingServer(uvicorn_config(app, settings), drain=app.state.drain, on_ready=started)
     server.run(sockets=[sock])
     # Everything is closed by now (the lifespan closed the pool and the Redis client);
     # skip the interpreter's teardown of Pipecat, ONNX Runtime and friends (seconds).

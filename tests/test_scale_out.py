@@ -285,6 +285,15 @@ async def test_two_hosts_share_calls_snapshots_metrics_and_one_dialer(
         b = Server(env, port=port_b, workers=2, log=tmp_path / "b.log")
         try:
             await asyncio.gather(a.wait_ready(2), b.wait_ready(2))
+            # Each worker froze its start-up heap (core.supervisor.freeze_startup_heap),
+            # just after it started serving.
+            for server in (a, b):
+                for _ in range(50):
+                    frozen = re.findall(r"start-up heap frozen \((\d+) objects\)", server.log)
+                    if len(frozen) == 2:
+                        break
+                    await asyncio.sleep(0.1)
+                assert len(frozen) == 2 and all(int(n) > 50_000 for n in frozen), server.log
             fakes.stt.script(BOOKING_UTTERANCES)
             # The webhook on host A; the media stream lands on host B.
             call_sid, params, url = await ring(a, MARIA, public)

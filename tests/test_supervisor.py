@@ -128,3 +128,26 @@ print(render_metrics()[0].decode())
     ).stdout
     assert "voice_agent_active_calls 0.0" in text
     assert 'voice_agent_calls_total{direction="inbound",outcome="booked"} 2.0' in text
+
+
+def test_freezing_the_start_up_heap_leaves_later_garbage_collectable() -> None:
+    import gc
+    import weakref
+
+    from core.supervisor import freeze_startup_heap
+
+    class Node:
+        pass
+
+    try:
+        assert freeze_startup_heap() > 1000  # pytest, this module, the app's imports
+        assert gc.get_freeze_count() > 1000
+        # A cycle a call makes after start-up is still found and freed by the collector.
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # type: ignore[attr-defined]
+        gone = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
