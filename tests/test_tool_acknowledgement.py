@@ -12,8 +12,10 @@ import time
 from typing import Any
 
 from pipecat.frames.frames import (
+    FunctionCallResultProperties,
     InterruptionFrame,
     LLMContextFrame,
+    LLMRunFrame,
     StartFrame,
     TTSAudioRawFrame,
     UserStartedSpeakingFrame,
@@ -192,6 +194,40 @@ async def test_parallel_tool_calls_are_one_round_trip_and_one_acknowledgement() 
     assert sorted(bot.ran) == ["check_availability", "verify_customer"]
     assert len(fake.requests) == 2  # both results went back in one request
     assert bot.tts.texts == [ACK_PHRASE, ANSWER]
+
+
+async def test_a_run_sent_after_the_result_is_not_held_behind_the_phrase() -> None:
+    """As Pipecat Flows does on a node transition: the result itself runs nothing, and a
+    callback then sends the run down the pipeline, through the output transport. Had the
+    phrase (1 s of audio) been said right behind the result, the run would wait for it to
+    play; said when the next request starts, it plays while the model thinks."""
+    script: list[Step] = [
+        call_tool("verify_customer", {"date_of_birth": "1985-04-12"}),
+        say(ANSWER),
+    ]
+    async with FakeOpenAI(script) as fake:
+        bot = _Bot(fake)
+
+        async def transition() -> None:
+            await asyncio.sleep(0.03)  # Flows sets the next node first
+            await bot.ack.queue_frame(LLMRunFrame())
+
+        async def handler(params: FunctionCallParams) -> None:
+            bot.ran.append(params.function_name)
+            await params.result_callback(
+                {"ok": True},
+                properties=FunctionCallResultProperties(
+                    run_llm=False, on_context_updated=transition
+                ),
+            )
+
+        bot.llm.register_function("verify_customer", handler)
+        await _run(bot, [*bot.caller_says("April twelfth, 1985."), SleepFrame(sleep=3.0)])
+    assert bot.ran == ["verify_customer"]
+    assert len(fake.requests) == 2
+    assert fake.request_times[1] - fake.request_times[0] < 0.8  # not behind 1 s of phrase
+    assert bot.tts.texts == [ACK_PHRASE, ANSWER]
+    assert bot.said_in_context() == [ANSWER]
 
 
 async def test_no_acknowledgement_when_the_model_speaks_first_or_calls_a_control_tool() -> None:
