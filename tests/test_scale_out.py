@@ -294,6 +294,10 @@ async def test_two_hosts_share_calls_snapshots_metrics_and_one_dialer(
                         break
                     await asyncio.sleep(0.1)
                 assert len(frozen) == 2 and all(int(n) > 50_000 for n in frozen), server.log
+                # And runs with few malloc arenas (core.supervisor.WORKER_MALLOC_ARENAS).
+                workers = server.workers()
+                assert len(workers) == 2
+                assert all(w.environ().get("MALLOC_ARENA_MAX") == "2" for w in workers)
             fakes.stt.script(BOOKING_UTTERANCES)
             # The webhook on host A; the media stream lands on host B.
             call_sid, params, url = await ring(a, MARIA, public)
