@@ -37,8 +37,8 @@ the TTS's first-audio delay; the plain turn's reply is measured the same way), t
 ratio to the plain turn, and the tool gap (the longest wait from one LLM response's first
 token to the next request: the tool round trip as the pipeline adds it). Chains: verify
 then check availability then answer (three LLM requests); verify with the service named,
-whose result carries the slots, then answer (two); two parallel tool calls then answer
-(two). Writes
+whose result carries the slots, then answer (two); verify and check availability as two
+parallel tool calls of one response, then answer (two). Writes
 ``benchmarks/results/tool_chains.json``.
 """
 
@@ -481,8 +481,11 @@ CHAINS: dict[str, list[Any]] = {
     "verify+service > answer": [
         ("verify_customer", {"date_of_birth": "1985-04-12", "service_type": "oil_change"}),
     ],
-    "parallel pair > answer": [
-        [("verify_customer", {"date_of_birth": "1985-04-12"}), ("list_appointments", {})],
+    "verify | availability > answer": [  # both in one response, run side by side
+        [
+            ("verify_customer", {"date_of_birth": "1985-04-12"}),
+            ("check_availability", {"service_type": "oil_change"}),
+        ],
     ],
 }
 CHAIN_ANSWER = "Thanks, Maria. I have Tuesday at nine for the oil change. Does that work?"
