@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADState
+
 from bot.turn_models import (
     PHONE_SMART_TURN_PARAMS,
     load_turn_models,
@@ -37,3 +41,22 @@ def test_phone_vad_tells_speech_from_silence_per_call() -> None:
     ]
     assert max(confidences_speech) > 0.7
     assert max(confidences_quiet) < 0.3
+
+
+async def test_vad_runs_on_the_event_loop_with_the_same_states() -> None:
+    """Every 20 ms frame of a call is analyzed inline: no thread per call, same answers."""
+    inline, stock = new_vad_analyzer(), new_vad_analyzer()
+    for vad in (inline, stock):
+        vad.set_sample_rate(8000)
+    audio = ulaw_to_pcm16(silence_ulaw(0.5) + speech_ulaw(1.0) + silence_ulaw(0.8))
+    threads_before = threading.active_count()
+    inline_states, stock_states = [], []
+    for i in range(0, len(audio), 320):  # Twilio's 20 ms frames
+        frame = audio[i : i + 320]
+        inline_states.append(await inline.analyze_audio(frame))
+        stock_states.append(await VADAnalyzer.analyze_audio(stock, frame))  # Pipecat's way
+    assert inline_states == stock_states
+    assert VADState.SPEAKING in inline_states and inline_states[-1] == VADState.QUIET
+    assert not inline._executor._threads  # type: ignore[attr-defined]
+    assert stock._executor._threads  # type: ignore[attr-defined]
+    assert threading.active_count() <= threads_before + 1  # the stock one's thread only
