@@ -234,16 +234,21 @@ async def test_verification_stands_when_the_overview_cannot_be_read(
     assert ctx.session.verified
 
 
-async def test_verification_with_a_service_carries_bookable_slots(
-    pool, redis_client, crm_data
-) -> None:
-    """verify_customer(service_type=...) holds check_availability's slots: one round trip."""
+async def _ana_verifies(pool, redis_client, arguments: dict) -> tuple[ToolContext, dict]:
+    """Ana calls from her own number and gives ``arguments`` to verify_customer."""
     from tools.customers import identify_caller
 
     ctx = make_ctx(pool, redis_client, ANA_PHONE)
     assert await identify_caller(ctx)
-    result = await run_tool(
-        ctx, "verify_customer", {"date_of_birth": "1985-04-12", "service_type": "oil_change"}
+    return ctx, await run_tool(ctx, "verify_customer", arguments)
+
+
+async def test_verification_with_a_service_carries_bookable_slots(
+    pool, redis_client, crm_data
+) -> None:
+    """verify_customer(service_type=...) holds check_availability's slots: one round trip."""
+    ctx, result = await _ana_verifies(
+        pool, redis_client, {"date_of_birth": "1985-04-12", "service_type": "oil_change"}
     )
     assert result["verified"] and result["vehicles"][0]["name"] == "2021 Toyota Camry SE"
     availability = result["availability"]
@@ -273,12 +278,8 @@ async def test_verification_with_a_service_carries_bookable_slots(
 async def test_verification_with_an_unknown_service_still_verifies(
     pool, redis_client, crm_data
 ) -> None:
-    from tools.customers import identify_caller
-
-    ctx = make_ctx(pool, redis_client, ANA_PHONE)
-    assert await identify_caller(ctx)
-    result = await run_tool(
-        ctx, "verify_customer", {"date_of_birth": "1985-04-12", "service_type": "teleport"}
+    ctx, result = await _ana_verifies(
+        pool, redis_client, {"date_of_birth": "1985-04-12", "service_type": "teleport"}
     )
     assert result["verified"] and ctx.session.verified
     assert result["availability"]["ok"] is False
@@ -287,12 +288,8 @@ async def test_verification_with_an_unknown_service_still_verifies(
 
 
 async def test_a_failed_verification_looks_up_no_slots(pool, redis_client, crm_data) -> None:
-    from tools.customers import identify_caller
-
-    ctx = make_ctx(pool, redis_client, ANA_PHONE)
-    assert await identify_caller(ctx)
-    result = await run_tool(
-        ctx, "verify_customer", {"date_of_birth": "1990-01-01", "service_type": "oil_change"}
+    ctx, result = await _ana_verifies(
+        pool, redis_client, {"date_of_birth": "1990-01-01", "service_type": "oil_change"}
     )
     assert result["ok"] is False and "availability" not in result
     assert not ctx.session.offered_slots and not ctx.session.verified
