@@ -17,6 +17,9 @@ from tools.context import ToolContext
 from tools.customers import normalize_phone
 from tools.registry import tool
 
+#: Longest callback number argument taken as a number (digits, spaces, dashes, "+1").
+MAX_SPOKEN_NUMBER_CHARS = 40
+
 
 def is_open(profile: DealershipProfile, moment: datetime) -> bool:
     """Whether the service department is open at ``moment``."""
@@ -65,9 +68,12 @@ async def transfer_to_advisor(
             "transferring": True,
             "say": "I'll connect you with a service advisor now. One moment please.",
         }
+    # Longer than any way of saying a number: not one. Cut to length instead, it could
+    # become a different, valid-looking number (found by the fault tests' hypothesis).
+    spoken = str(callback_number) if callback_number else ""
     given = (
-        crm_calls.callback_number(normalize_phone(str(callback_number)[:40]))
-        if callback_number
+        crm_calls.callback_number(normalize_phone(spoken))
+        if spoken and len(spoken) <= MAX_SPOKEN_NUMBER_CHARS
         else None
     )
     caller_id = crm_calls.callback_number(session.caller_phone)
