@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -328,28 +327,29 @@ async def _verified_result(
         "verified": True,
         "first_name": ctx.session.customer_first_name,
     }
-    lookups: list[Coroutine[Any, Any, dict[str, Any]]] = [account_overview(ctx, customer_id)]
+
+    async def overview() -> dict[str, Any] | None:
+        try:
+            return await account_overview(ctx, customer_id)
+        except Exception as exc:
+            logger.warning(
+                f"account overview of customer {customer_id} failed: {type(exc).__name__}"
+            )
+            return None
+
     if service_type:
-        # Through run_tool: the same argument checks, refusals and error handling as
-        # when the model calls check_availability itself (and no import cycle).
-        lookups.append(run_tool(ctx, "check_availability", {"service_type": service_type}))
-    overview, *availability = await asyncio.gather(*lookups, return_exceptions=True)
-    if isinstance(overview, BaseException):
-        if isinstance(overview, asyncio.CancelledError):
-            raise overview
-        logger.warning(
-            f"account overview of customer {customer_id} failed: {type(overview).__name__}"
+        # Through run_tool: the same argument checks, refusals and error handling as when
+        # the model calls check_availability itself (and no import cycle).
+        accounts, slots = await asyncio.gather(
+            overview(), run_tool(ctx, "check_availability", {"service_type": service_type})
         )
+        result["availability"] = slots
+    else:
+        accounts = await overview()
+    if accounts is None:
         result["account_details"] = "unavailable"
     else:
-        result.update(overview)
-    if availability:
-        if isinstance(availability[0], BaseException):
-            if isinstance(availability[0], asyncio.CancelledError):
-                raise availability[0]
-            result["availability"] = {"ok": False, "error": "internal"}
-        else:
-            result["availability"] = availability[0]
+        result.update(accounts)
     return result
 
 
