@@ -123,6 +123,16 @@ def metrics_dir() -> Iterator[str]:
 #: in ``benchmarks/capacity.py``; with 2 arenas, 5.6 MB, at the same CPU per call.
 WORKER_MALLOC_ARENAS = 2
 
+#: Threads of the native math libraries per worker process (``OPENBLAS_NUM_THREADS``,
+#: ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``) unless the environment sets its own. A worker
+#: is one core's worth of Python and ``serve`` runs one per core. NumPy's OpenBLAS starts
+#: a thread per core, and after each matrix product (smart-turn's log-mel features) those
+#: threads spin on the other cores, waiting for more work, while the ONNX model runs:
+#: smart-turn cost 100 ms of CPU per turn end instead of 51 ms, time taken from the other
+#: workers' calls.
+WORKER_NATIVE_THREADS = 1
+_NATIVE_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
 
 @dataclass
 class _Worker:
@@ -162,6 +172,8 @@ class Supervisor:
         self._ctx = multiprocessing.get_context("spawn")
         # Spawned workers are new interpreters: glibc reads this when each one starts.
         os.environ.setdefault("MALLOC_ARENA_MAX", str(WORKER_MALLOC_ARENAS))
+        for name in _NATIVE_THREAD_VARIABLES:  # read when each one loads NumPy
+            os.environ.setdefault(name, str(WORKER_NATIVE_THREADS))
         self._workers: dict[int, _Worker] = {}
         self._stopping: float | None = None  # monotonic time of the first stop signal
         self._interrupts = 0

@@ -298,6 +298,9 @@ async def test_two_hosts_share_calls_snapshots_metrics_and_one_dialer(
                 workers = server.workers()
                 assert len(workers) == 2
                 assert all(w.environ().get("MALLOC_ARENA_MAX") == "2" for w in workers)
+                # And one thread for NumPy's OpenBLAS (core.supervisor.WORKER_NATIVE_THREADS):
+                # spawned workers load it with one thread, not one per core.
+                assert all(w.environ().get("OPENBLAS_NUM_THREADS") == "1" for w in workers)
             fakes.stt.script(BOOKING_UTTERANCES)
             # The webhook on host A; the media stream lands on host B.
             call_sid, params, url = await ring(a, MARIA, public)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.supervisor import _cgroup_cpu_quota, available_cpus, metrics_dir
+from core.supervisor import Supervisor, _cgroup_cpu_quota, available_cpus, metrics_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,3 +152,16 @@ def test_freezing_the_start_up_heap_leaves_later_garbage_collectable() -> None:
         assert gone() is None
     finally:
         gc.unfreeze()
+
+
+def test_workers_get_one_math_library_thread_unless_told(monkeypatch) -> None:
+    """Spawned workers inherit ``OPENBLAS_NUM_THREADS=1`` (and OpenMP's, MKL's); a value
+    the operator gave is kept."""
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_ARENA_MAX"):
+        monkeypatch.delenv(name, raising=False)  # and put back as they were afterwards
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with socket.socket() as sock:
+        Supervisor(count=1, target=print, sock=sock, stop_timeout=1)
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert os.environ["MKL_NUM_THREADS"] == "1"
+    assert os.environ["OMP_NUM_THREADS"] == "3"
