@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 from core.profile import load_profile  # noqa: E402
 from core.settings import DEFAULT_PROFILE  # noqa: E402
 from seeding import seed  # noqa: E402
-from tests.fakes.audio import speech_ulaw  # noqa: E402
+from tests.fakes.audio import line_noise_ulaw, speech_ulaw  # noqa: E402
 from tests.fakes.deepgram_stt import FakeDeepgramSTT  # noqa: E402
 from tests.fakes.deepgram_tts import FakeDeepgramTTS  # noqa: E402
 from tests.fakes.openai_chat import FakeOpenAI  # noqa: E402
@@ -257,7 +257,9 @@ def rss_mb(processes: list[psutil.Process]) -> list[float]:
     return out
 
 
-async def one_call(server: ServerUnderTest, index: int, turns: int, level: Level) -> None:
+async def one_call(
+    server: ServerUnderTest, index: int, turns: int, level: Level, idle_audio: bytes | None
+) -> None:
     call_sid = new_sid("CA")
     form = {
         "CallSid": call_sid,
@@ -275,7 +277,11 @@ async def one_call(server: ServerUnderTest, index: int, turns: int, level: Level
     response.raise_for_status()
     stream_url, params = parse_stream_twiml(response.text)
     client = TwilioMediaClient(
-        stream_url, call_sid=call_sid, account_sid=ACCOUNT_SID, custom_parameters=params
+        stream_url,
+        call_sid=call_sid,
+        account_sid=ACCOUNT_SID,
+        custom_parameters=params,
+        idle_audio=idle_audio,
     )
     rng = random.Random(index)
     try:
@@ -306,7 +312,13 @@ async def one_call(server: ServerUnderTest, index: int, turns: int, level: Level
 
 
 async def run_level(
-    server: ServerUnderTest, *, k: int, turns: int, stagger: float, idle_rss: list[float]
+    server: ServerUnderTest,
+    *,
+    k: int,
+    turns: int,
+    stagger: float,
+    idle_rss: list[float],
+    idle_audio: bytes | None = None,
 ) -> Level:
     level = Level(target=server.target, workers=server.workers, k=k, expected=k * turns)
     procs = server.worker_processes()
@@ -329,7 +341,7 @@ async def run_level(
 
     async def staggered(i: int) -> None:
         await asyncio.sleep(i * stagger)
-        await one_call(server, i, turns, level)
+        await one_call(server, i, turns, level, idle_audio)
 
     await asyncio.gather(*(staggered(i) for i in range(k)))
     sampler.cancel()
@@ -392,9 +404,20 @@ async def main() -> int:
     parser.add_argument("--stagger", type=float, default=0.5)
     parser.add_argument("--targets", default="ours,reference")
     parser.add_argument(
+        "--line-noise-dbfs",
+        type=float,
+        default=None,
+        help="callers' idle audio: line noise at this RMS level (e.g. -60) instead of silence",
+    )
+    parser.add_argument(
         "--profile-k", type=int, default=0, help="py-spy the busiest worker at this K (0: never)"
     )
     args = parser.parse_args()
+    idle_audio = (
+        None
+        if args.line_noise_dbfs is None
+        else line_noise_ulaw(2.0, dbfs=args.line_noise_dbfs, seed=11)
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     tmp = tempfile.TemporaryDirectory(prefix="va-capacity-")
@@ -464,7 +487,12 @@ async def main() -> int:
                                 out = RESULTS / f"capacity-profile-{target}-w{workers}.txt"
                                 profiling = asyncio.create_task(profile_worker(server, 20, out))
                             level = await run_level(
-                                server, k=k, turns=args.turns, stagger=args.stagger, idle_rss=idle
+                                server,
+                                k=k,
+                                turns=args.turns,
+                                stagger=args.stagger,
+                                idle_rss=idle,
+                                idle_audio=idle_audio,
                             )
                             if profiling is not None:
                                 await profiling
@@ -501,6 +529,7 @@ async def main() -> int:
                 "fake_delays_secs": DELAYS,
                 "cores": len(os.sched_getaffinity(0)),
                 "turns_per_call": args.turns,
+                "line_noise_dbfs": args.line_noise_dbfs,
                 "levels": summaries,
                 "rss_mb_per_added_call": slopes,
             },

@@ -240,6 +240,23 @@ def silence_ulaw(seconds: float) -> bytes:
     return b"\xff" * round(seconds * SAMPLE_RATE)
 
 
+def line_noise_ulaw(seconds: float, *, dbfs: float, seed: int = 0) -> bytes:
+    """White noise at ``dbfs`` (RMS, dB below full scale) as 8 kHz mu-law: a phone line's
+    idle hiss (around -60 dBFS on a quiet line, -50 on a noisy one).
+
+    Args:
+        seconds: Duration.
+        dbfs: RMS level in dBFS (negative).
+        seed: Seed of the noise.
+
+    Returns:
+        mu-law bytes, 8000 per second.
+    """
+    rms = 32768.0 * 10 ** (dbfs / 20)
+    noise = np.random.default_rng(seed).normal(0.0, rms, round(seconds * SAMPLE_RATE))
+    return pcm16_to_ulaw(np.clip(noise, -32768, 32767).astype("<i2").tobytes())
+
+
 def silence_pcm16(seconds: float, sample_rate: int = SAMPLE_RATE) -> bytes:
     """Digital silence as int16 PCM.
 

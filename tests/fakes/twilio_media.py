@@ -90,6 +90,7 @@ class TwilioMediaClient:
         custom_parameters: Mapping[str, str] | None = None,
         send_silence: bool = True,
         energy_threshold: float = 300.0,
+        idle_audio: bytes | None = None,
     ) -> None:
         """Initialises the client (not connected yet).
 
@@ -101,6 +102,8 @@ class TwilioMediaClient:
             custom_parameters: ``<Parameter>`` values delivered in ``start``.
             send_silence: Fill idle time with silence frames.
             energy_threshold: Voiced threshold for bot audio.
+            idle_audio: mu-law audio sent, looped, instead of digital silence while no
+                caller audio is queued (line noise); whole 20 ms frames.
         """
         self.url = url
         self.call_sid = call_sid or new_sid("CA")
@@ -109,6 +112,12 @@ class TwilioMediaClient:
         self.custom_parameters = dict(custom_parameters or {})
         self.send_silence = send_silence
         self.energy_threshold = energy_threshold
+        usable = len(idle_audio or b"") // FRAME_BYTES * FRAME_BYTES
+        self._idle_frames = (
+            [bytes(idle_audio[i : i + FRAME_BYTES]) for i in range(0, usable, FRAME_BYTES)]
+            if idle_audio
+            else [SILENCE_FRAME]
+        )
         self.received: list[BotAudio] = []
         self.clears: list[float] = []
         self.marks: list[tuple[str, float]] = []
@@ -402,7 +411,7 @@ class TwilioMediaClient:
                     del self._outbox[:FRAME_BYTES]
                     self._bytes_sent += len(frame)
                 elif self.send_silence:
-                    frame = SILENCE_FRAME
+                    frame = self._idle_frames[chunk % len(self._idle_frames)]
                 else:
                     frame = b""
                 if frame:
