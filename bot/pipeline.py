@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from loguru import logger
 from openai import APIConnectionError, InternalServerError
 from pipecat.flows import FlowManager
+from pipecat.frames.frames import Frame, InputAudioRawFrame, OutputAudioRawFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -24,6 +25,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
     LLMUserAggregatorParams,
 )
+from pipecat.processors.filters.function_filter import FunctionFilter
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.services.deepgram.flux.stt import DeepgramFluxSTTService
 from pipecat.services.deepgram.stt import DeepgramSTTService
@@ -81,6 +83,40 @@ class CallOptions:
     extra_processors_after_output: list[FrameProcessor] = field(default_factory=list)
     observers: list[Any] = field(default_factory=list)
     on_worker: Callable[[PipelineWorker], Awaitable[None] | None] | None = None
+
+
+async def _not_caller_audio(frame: Frame) -> bool:
+    return not isinstance(frame, InputAudioRawFrame)
+
+
+async def _not_bot_audio(frame: Frame) -> bool:
+    return not isinstance(frame, OutputAudioRawFrame)
+
+
+def audio_stops_here(kind: type[InputAudioRawFrame] | type[OutputAudioRawFrame]) -> FunctionFilter:
+    """A filter that ends the journey of the caller's or the bot's audio frames.
+
+    Pipecat passes every audio frame on to the end of the pipeline: the caller's
+    (50 a second) through the LLM, the TTS and the output transport after the user
+    aggregator has run the VAD and the turn strategies on it; the bot's from the output
+    transport through the processors behind it. Nothing there uses them (call recording
+    is Twilio's, not an audio buffer in the pipeline), and each hop costs a queue, a task
+    switch and a ``FrameProcessed`` event for every observer: in
+    ``benchmarks/capacity.py`` the caller's audio alone made 11 of a frame's 16 hops.
+
+    Args:
+        kind: ``InputAudioRawFrame`` (after the user aggregator) or
+            ``OutputAudioRawFrame`` (after the output transport).
+
+    Returns:
+        Pipeline processor letting every other frame, system frames included, through.
+    """
+    caller = kind is InputAudioRawFrame
+    return FunctionFilter(
+        filter=_not_caller_audio if caller else _not_bot_audio,
+        filter_system_frames=caller,  # the caller's audio frames are system frames
+        name="CallerAudioStop" if caller else "BotAudioStop",
+    )
 
 
 class LLMTimeoutError(TimeoutError):
@@ -372,6 +408,7 @@ def build_call_pipeline(
             *features.after_stt(),  # [phone-features hook]
             *options.extra_processors_after_stt,
             aggregators.user(),
+            audio_stops_here(InputAudioRawFrame),  # the VAD has had it: no further
             llm,
             ToolResultGrouping(),  # parallel tool calls: one LLM run for the group
             *([tool_ack] if tool_ack else []),  # speaks when a reply needs tools
@@ -380,6 +417,7 @@ def build_call_pipeline(
             tts,
             SpokenTextAligner(),  # sentence text behind its audio: interruptions trim it
             transport.output(),
+            audio_stops_here(OutputAudioRawFrame),  # played: nobody behind needs it
             snapshots,
             *options.extra_processors_after_output,
             aggregators.assistant(),
@@ -395,6 +433,9 @@ def build_call_pipeline(
         ),
         observers=[latency, tool_log, *options.observers],
         enable_rtvi=False,
+        # Pipecat's turn tracking observer: nothing here reads it, and every observer
+        # gets an event for each frame each processor handles.
+        enable_turn_tracking=False,
         idle_timeout_secs=options.idle_timeout_secs,
     )
     flow = CallFlow(

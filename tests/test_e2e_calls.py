@@ -772,3 +772,43 @@ async def test_oversized_media_messages_are_refused(crm_db: str, redis_server_ur
                 await asyncio.wait_for(ws.recv(), 5)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
         assert agent.stt.connections == 0
+
+
+async def test_audio_frames_stop_where_nobody_needs_them(
+    crm_db: str, redis_server_url: str
+) -> None:
+    """The caller's audio reaches the VAD (the user aggregator) and stops there; the bot's
+    reaches Twilio and stops behind the output transport. Every hop past those was a
+    queue, a task switch and an event per observer, for nothing."""
+    from pipecat.frames.frames import InputAudioRawFrame, OutputAudioRawFrame
+    from pipecat.observers.base_observer import BaseObserver, FrameProcessed
+
+    from bot.pipeline import CallOptions
+
+    class AudioRoute(BaseObserver):
+        def __init__(self) -> None:
+            super().__init__()
+            self.caller: set[str] = set()
+            self.bot: set[str] = set()
+
+        async def on_process_frame(self, data: FrameProcessed) -> None:
+            name = data.processor.name.split("#")[0]
+            if isinstance(data.frame, InputAudioRawFrame):
+                self.caller.add(name)
+            elif isinstance(data.frame, OutputAudioRawFrame):
+                self.bot.add(name)
+
+    route = AudioRoute()
+    llm = FakeOpenAI([say("Great, let's get started.")])
+    async with running_agent(database_url=crm_db, redis_url=redis_server_url, llm=llm) as agent:
+        agent.call_hooks.options_factory = lambda: CallOptions(observers=[route])
+        agent.stt.script(["I'd like to book a service."])
+        client = await agent.inbound_call(MARIA)
+        await client.wait_for_bot_audio(min_seconds=0.3, timeout=20)
+        await client.wait_for_bot_silence(silence_secs=0.5, timeout=20)
+        await say_turn(client)  # the VAD heard the caller: the bot replied
+        await client.hang_up()
+    assert "LLMUserAggregator" in route.caller and "CallerAudioStop" in route.caller
+    assert not route.caller & {"OpenAILLMService", "DeepgramTTSService", "BotAudioStop"}
+    assert "BotAudioStop" in route.bot and client.bot_audio_secs() > 1.0
+    assert not route.bot & {"SessionSnapshotProcessor", "LLMAssistantAggregator"}
