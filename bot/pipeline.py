@@ -10,10 +10,13 @@ on the phone path.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import deepgram.base_client
+import httpx
 from loguru import logger
 from openai import APIConnectionError, InternalServerError
 from pipecat.flows import FlowManager
@@ -261,6 +264,34 @@ def flux_listen_url(base_url: str | None) -> str:
     return base.removesuffix("/v1/listen").removesuffix("/v2/listen") + "/v2/listen"
 
 
+_deepgram_http_client: httpx.AsyncClient | None = None
+
+
+@contextlib.contextmanager
+def _one_deepgram_http_client() -> Iterator[None]:
+    """While Pipecat builds a Deepgram service, the SDK gets the process's one HTTP client.
+
+    ``AsyncDeepgramClient`` makes an ``httpx.AsyncClient`` (a TLS context, the CA bundle
+    parsed: 24 ms of CPU) each time, and Pipecat's Nova STT service makes one client per
+    call, on the event loop every other call runs on, for a streaming service that only
+    uses the SDK's websocket. Building it with one shared HTTP client takes that out of
+    each call's start (``tests/test_deepgram_client.py`` fails if the SDK's hook moves).
+    """
+    make_default = deepgram.base_client._make_default_async_client
+
+    def shared(**kwargs: Any) -> httpx.AsyncClient:
+        global _deepgram_http_client
+        if _deepgram_http_client is None:
+            _deepgram_http_client = make_default(**kwargs)
+        return _deepgram_http_client
+
+    deepgram.base_client._make_default_async_client = shared
+    try:
+        yield
+    finally:
+        deepgram.base_client._make_default_async_client = make_default
+
+
 def _stt(resources: AppResources, sample_rate: int) -> DeepgramSTTService | DeepgramFluxSTTService:
     """Deepgram's speech recognition: Flux (its own turn detection) or Nova."""
     settings = resources.settings
@@ -283,19 +314,20 @@ def _stt(resources: AppResources, sample_rate: int) -> DeepgramSTTService | Deep
                 else None,
             ),
         )
-    return DeepgramSTTService(
-        api_key=api_key,
-        base_url=settings.deepgram_stt_url or "",
-        sample_rate=sample_rate,
-        settings=DeepgramSTTService.Settings(
-            model=settings.deepgram_stt_model,
-            language=stt_language(resources.profile.phone.languages),  # [phone-features hook]
-            smart_format=True,
-            punctuate=True,
-            interim_results=True,
-            keyterm=resources.profile.speech_keyterms(),
-        ),
-    )
+    with _one_deepgram_http_client():
+        return DeepgramSTTService(
+            api_key=api_key,
+            base_url=settings.deepgram_stt_url or "",
+            sample_rate=sample_rate,
+            settings=DeepgramSTTService.Settings(
+                model=settings.deepgram_stt_model,
+                language=stt_language(resources.profile.phone.languages),  # [phone-features hook]
+                smart_format=True,
+                punctuate=True,
+                interim_results=True,
+                keyterm=resources.profile.speech_keyterms(),
+            ),
+        )
 
 
 def _services(resources: AppResources, system_prompt: str, sample_rate: int, language: str = "en"):
