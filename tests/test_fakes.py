@@ -50,6 +50,8 @@ from telephony.twilio import twilio_client
 from tests.fakes._util import wait_until
 from tests.fakes.audio import (
     alaw_to_pcm16,
+    line_noise_ulaw,
+    pcm16_rms,
     pcm16_to_alaw,
     pcm16_to_ulaw,
     silence_ulaw,
@@ -531,3 +533,29 @@ async def test_twilio_media_client_protocol_and_marks() -> None:
     assert waited[0] >= 0.15  # echoed once the 0.2 s of audio before it had played
     assert client.marks[0][0] == "m1" and client.bot_audio_secs() == pytest.approx(0.2)
     assert client.close_reason == "bye"
+
+
+@pytest.mark.parametrize("dbfs", [-60.0, -50.0])
+async def test_idle_caller_sends_line_noise_at_its_level(dbfs: float) -> None:
+    """``idle_audio``: the client's idle frames are the line noise, looped, at its level."""
+    noise = line_noise_ulaw(0.1, dbfs=dbfs, seed=1)
+    got: list[bytes] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        async for raw in ws:
+            msg = json.loads(raw)
+            if msg["event"] == "media":
+                got.append(base64.b64decode(msg["media"]["payload"]))
+            if len(got) == 12:
+                await ws.close()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        client = TwilioMediaClient(f"ws://127.0.0.1:{port}", idle_audio=noise)
+        await client.connect()
+        await client.wait_closed(timeout=5)
+        await client.close()
+    assert len(got) == 12 and set(got) <= {noise[i : i + 160] for i in range(0, 800, 160)}
+    assert len(set(got)) == 5  # all five frames of the 0.1 s, looped
+    rms_dbfs = 20 * np.log10(pcm16_rms(ulaw_to_pcm16(b"".join(got))) / 32768)
+    assert rms_dbfs == pytest.approx(dbfs, abs=1.5)
