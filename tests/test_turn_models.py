@@ -133,3 +133,29 @@ def test_a_loud_line_is_never_skipped() -> None:
     _vad_states(vad, _noise_pcm16(2.0, rms=6000.0, seed=3))
     # Only while the first 400 ms volume block fills and the smoothed volume ramps up.
     assert vad.skipped_windows <= 20 < (2.0 / 0.032) - 20
+
+
+async def test_calls_share_one_smart_turn_thread() -> None:
+    """Every call's end-of-turn inference runs on the process's one smart-turn thread,
+    and one call's clean-up does not stop it for the others."""
+    import asyncio
+
+    first, second = new_turn_analyzer(), new_turn_analyzer()
+    names: list[str] = []
+    for analyzer in (first, second):
+        analyzer.set_sample_rate(8000)
+        speech = ulaw_to_pcm16(speech_ulaw(0.6))
+        for i in range(0, len(speech), 320):
+            analyzer.append_audio(speech[i : i + 320], is_speech=True)
+        original = analyzer._process_speech_segment
+
+        def recording(buffer, original=original):
+            names.append(threading.current_thread().name)
+            return original(buffer)
+
+        analyzer._process_speech_segment = recording  # type: ignore[method-assign]
+    assert first._model_executor is second._model_executor
+    await asyncio.gather(first.analyze_end_of_turn(), second.analyze_end_of_turn())
+    await first.cleanup()
+    await second.analyze_end_of_turn()
+    assert len(names) == 3 and len(set(names)) == 1 and names[0].startswith("smart-turn")
