@@ -5,18 +5,22 @@ the way Pipecat's ``twilio-chatbot`` example assembles it (``benchmarks/referenc
 Usage::
 
     python benchmarks/capacity.py [--workers 1,2] [--ks 1,2,4,8,12,16,24,32] [--turns 5]
-                                  [--targets ours,reference] [--profile]
+                                  [--targets ours,reference] [--profile-k K]
+                                  [--line-noise-dbfs -50]
 
 Each call: the Twilio webhook, then the media stream with the project's Twilio client
 (``tests/fakes/twilio_media.py``), the greeting, then ``--turns`` caller turns (0.8 s of
 speech, the bot's reply, a short pause), then a hang-up; calls start ``--stagger``
-seconds apart. The fakes add cloud-like delays (STT final 150 ms, LLM first token
-350 ms, TTS first byte 150 ms: 650 ms in all). Per K it prints: turns measured/expected,
-voice-to-voice overhead p50/p95 (phone voice-to-voice minus the injected 650 ms; what is
-left is endpointing plus both pipelines), server CPU % per call, RSS per worker process
-and per added call, dead-air turns (no bot audio within 2 s), the load average. A level
-whose overhead p50 is 300 ms above the target's K=1 level, whose dead air is 10 % of the
-turns above it, or with missing turns, is saturated and ends the sweep of that target.
+seconds apart. Between turns a caller sends digital silence, or with
+``--line-noise-dbfs`` a line's hiss at that level (the VAD skips its model on quiet
+windows, so a noisy line costs more). The fakes add cloud-like delays (STT final 150 ms,
+LLM first token 350 ms, TTS first byte 150 ms: 650 ms in all). Per K it prints: turns
+measured/expected, voice-to-voice overhead p50/p95 (phone voice-to-voice minus the
+injected 650 ms; what is left is endpointing plus both pipelines), server CPU % per
+call, RSS per worker process and per added call, dead-air turns (no bot audio within 2
+s), the load average. A level whose overhead p50 is 300 ms above the target's K=1 level,
+whose dead air is 10 % of the turns above it, or with missing turns, is saturated and
+ends the sweep of that target.
 ``--profile-k K`` records the busiest worker at that K with py-spy
 (``benchmarks/results/capacity-profile-*.txt``).
 
