@@ -99,13 +99,13 @@ async def _not_bot_audio(frame: Frame) -> bool:
 def audio_stops_here(kind: type[InputAudioRawFrame] | type[OutputAudioRawFrame]) -> FunctionFilter:
     """A filter that ends the journey of the caller's or the bot's audio frames.
 
-    Pipecat passes every audio frame on to the end of the pipeline: the caller's
-    (50 a second) through the LLM, the TTS and the output transport after the user
-    aggregator has run the VAD and the turn strategies on it; the bot's from the output
-    transport through the processors behind it. Nothing there uses them (call recording
-    is Twilio's, not an audio buffer in the pipeline), and each hop costs a queue, a task
-    switch and a ``FrameProcessed`` event for every observer: in
-    ``benchmarks/capacity.py`` the caller's audio alone made 11 of a frame's 16 hops.
+    Pipecat passes every audio frame on to the end of the pipeline: the caller's (25 a
+    second, see ``DealershipTwilioSerializer``) through the LLM, the TTS and the output
+    transport after the user aggregator has run the VAD and the turn strategies on it;
+    the bot's from the output transport through the processors behind it. Nothing there
+    uses them (call recording is Twilio's, not an audio buffer in the pipeline), and each
+    hop costs a queue, a task switch and a ``FrameProcessed`` event for every observer:
+    in ``benchmarks/capacity.py`` the caller's audio alone made 11 of a frame's 16 hops.
 
     Args:
         kind: ``InputAudioRawFrame`` (after the user aggregator) or
