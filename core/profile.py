@@ -63,16 +63,20 @@ class _ItemError(ValueError):
 # --- value types -------------------------------------------------------------------------
 
 
+#: The end of a range written ``"...-24:00"``: the end of the day, which it includes.
+END_OF_DAY = time(23, 59, 59)
+
+
 @dataclass(frozen=True)
 class TimeRange:
-    """A local-time range within one day, ``end`` exclusive."""
+    """A local-time range within one day, ``end`` exclusive (but see :data:`END_OF_DAY`)."""
 
     start: time
     end: time
 
     def contains(self, value: time) -> bool:
         """Whether ``value`` falls inside the range."""
-        return self.start <= value < self.end
+        return self.start <= value and (value < self.end or self.end == END_OF_DAY)
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ def _parse_range(value: object) -> TimeRange:
     if eh == 24 and em != 0:
         raise ValueError(f"{value!r} is not a valid time")
     start = time(sh, sm)
-    end = time(23, 59, 59) if eh == 24 else time(eh, em)
+    end = END_OF_DAY if eh == 24 else time(eh, em)
     if end <= start:
         raise ValueError(f"range {value!r} ends before it starts")
     return TimeRange(start, end)

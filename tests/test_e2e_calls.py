@@ -144,7 +144,7 @@ async def test_demo_customer_books_an_oil_change(crm_db: str, redis_server_url: 
 # --- shared helpers for the scenarios below --------------------------------------------
 
 ALWAYS_OPEN_HOURS = "\n".join(
-    f'{day} = ["00:00-23:59"]'
+    f'{day} = ["00:00-24:00"]'
     for day in ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 )
 

@@ -152,7 +152,7 @@ def _profile_with(tmp_path: Path, name: str, *, hours: str | None, holidays: str
 def open_profile(tmp_path: Path) -> str:
     """The example profile, open around the clock (transfers possible whenever CI runs)."""
     days = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-    hours = "\n".join(f'{day} = ["00:00-23:59"]' for day in days)
+    hours = "\n".join(f'{day} = ["00:00-24:00"]' for day in days)
     return _profile_with(tmp_path, "open.toml", hours=hours, holidays="")
 
 

@@ -58,7 +58,7 @@ def profile_file(
         holidays = "holidays = []"
         hours_start = text.index("[hours]")
         hours_end = text.index("[", hours_start + len("[hours]"))
-        always = "\n".join(f'{day} = ["00:00-23:59"]' for day in WEEKDAYS)
+        always = "\n".join(f'{day} = ["00:00-24:00"]' for day in WEEKDAYS)
         text = (
             text[:start]
             + holidays

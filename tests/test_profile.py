@@ -244,3 +244,14 @@ def test_phone_features_have_defaults_and_the_example_offers_spanish(profile_dat
     defaults = parse_profile(profile_data).phone
     assert defaults.languages == ("en",) and defaults.warm_transfer
     assert defaults.transfer_ring_secs == 20 and defaults.llm_summary
+
+
+def test_a_range_to_24_00_includes_the_last_second_of_the_day(profile_data: dict) -> None:
+    """ "00:00-24:00" is open around the clock: the CI run at 23:59 Chicago time found
+    that "00:00-23:59" (and "24:00", then an exclusive 23:59:59) left a gap."""
+    data = copy.deepcopy(profile_data)
+    data["hours"] = {day: ["00:00-24:00"] for day in data["hours"]}
+    [whole_day] = parse_profile(data).opening_hours(date(2026, 11, 30))
+    for moment in (time(0, 0), time(12, 0), time(23, 59), time(23, 59, 59, 999_999)):
+        assert whole_day.contains(moment)
+    assert not TimeRange(time(8, 0), time(17, 30)).contains(time(17, 30))  # still exclusive

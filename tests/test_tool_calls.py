@@ -161,7 +161,7 @@ def test_phone_numbers_never_survive_redaction(number: str, style: str) -> None:
 
 
 ALWAYS_OPEN = "\n".join(
-    f'{day} = ["00:00-23:59"]'
+    f'{day} = ["00:00-24:00"]'
     for day in ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 )
 
